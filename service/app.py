@@ -1,0 +1,77 @@
+"""The Flask application: ``create_app()`` wires settings, the job store and the queue."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+from flask import Flask, Response, json, request
+from werkzeug.exceptions import HTTPException
+
+from . import config as config_module
+from .config import Settings
+from .errors import ImagepubError, ValidationFailed
+from .jobstore import JobStore
+from .control import RegistryControl
+from .queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra) -> Response:
+    body = {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail, "code": code}
+    body.update(extra)
+    body.setdefault("instance", request.path)
+    return Response(json.dumps(body), status=status, mimetype=PROBLEM)
+
+
+def _render_imagepub_error(exc: ImagepubError) -> Response:
+    extra = {}
+    if isinstance(exc, ValidationFailed):
+        extra["errors"] = exc.errors
+    return problem(exc.status, exc.code, exc.title, exc.message, **extra)
+
+
+def _render_http_error(exc: HTTPException) -> Response:
+    codes = {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        415: "unsupported_media_type",
+        400: "bad_request",
+    }
+    code = codes.get(exc.code or 500, "http_error")
+    resp = problem(exc.code or 500, code, exc.name, exc.description or exc.name)
+    if exc.code == 405 and exc.valid_methods:
+        resp.headers["Allow"] = ", ".join(exc.valid_methods)
+    return resp
+
+
+def _render_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged")
+
+
+def create_app(settings: Settings | None = None, *, store: JobStore | None = None, queue: JobQueue | None = None) -> Flask:
+    settings = settings or config_module.load()
+    queue = queue or JobQueue.from_config(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["imagepub"] = {
+        "settings": settings,
+        "store": store or JobStore.from_config(settings),
+        "queue": queue,
+        "control": RegistryControl(queue.celery),
+        "spec": resources.files("service").joinpath("openapi.yaml").read_bytes(),
+    }
+    app.register_error_handler(ImagepubError, _render_imagepub_error)
+    app.register_error_handler(HTTPException, _render_http_error)
+    app.register_error_handler(Exception, _render_unexpected)
+
+    from .views import api
+
+    app.register_blueprint(api)
+    return app

@@ -1,0 +1,258 @@
+"""All of imagepub's configuration, read in one place.
+
+The YAML file named by ``IMAGEPUB_CONFIG`` declares what is stable for a deployment (registries,
+clients, limits); environment variables override what changes per deployment. Nothing else in
+the code base reads ``os.environ``: the rest receives a :class:`Settings`.
+
+Secrets never live in the YAML: a registry names the environment variable or file its password
+comes from, and the password is only read, on the worker, at the moment it is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class ConfigError(Exception):
+    """The configuration file or environment cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class RepositoryDefaults:
+    """Settings for ECR repositories that imagepub creates."""
+
+    image_tag_mutability: str = "MUTABLE"
+    scan_on_push: bool = False
+    encryption_type: str = "AES256"
+    kms_key: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A named place imagepub may push to or pull from.
+
+    ``type: registry`` is any OCI registry (Docker Hub included) at ``host``; ``type: ecr`` is an
+    Amazon ECR registry whose host and credentials come from the ECR API.
+    """
+
+    name: str
+    type: str
+    host: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    region: str | None = None
+    account_id: str | None = None
+    role_arn: str | None = None
+    create_repositories: bool = False
+    repository_defaults: RepositoryDefaults = field(default_factory=RepositoryDefaults)
+
+    def password(self) -> str | None:
+        """The registry password, read now from its environment variable or file."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"registry {self.name!r}: environment variable {self.password_env} is not set"
+                )
+            return value
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"registry {self.name!r}: cannot read password_file: {exc.strerror}"
+                ) from None
+        return None
+
+    def public(self) -> dict[str, Any]:
+        """What callers may know about this registry: never where its secrets live."""
+        out: dict[str, Any] = {"name": self.name, "type": self.type}
+        if self.type == "registry":
+            out["host"] = self.host
+        else:
+            out["region"] = self.region
+            if self.account_id:
+                out["account_id"] = self.account_id
+            out["create_repositories"] = self.create_repositories
+        return out
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024
+    max_targets: int = 20
+    max_tags_per_target: int = 20
+    max_page_size: int = 200
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_base_seconds: float = 2.0
+    backoff_max_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    registries: Mapping[str, Registry] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    job_timeout_seconds: int = 3600
+    log_level: str = "INFO"
+    docker_host: str | None = None
+
+
+# --- the file's schema ---------------------------------------------------------------------
+
+_NAME = validate.Regexp(r"[a-z0-9][a-z0-9_-]{0,62}\Z", error="must be lowercase letters, digits, '-' or '_'")
+
+
+class _RepositoryDefaultsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    image_tag_mutability = fields.String(load_default="MUTABLE", validate=validate.OneOf(["MUTABLE", "IMMUTABLE"]))
+    scan_on_push = fields.Boolean(load_default=False)
+    encryption = fields.String(load_default="AES256", validate=validate.OneOf(["AES256", "KMS"]))
+    kms_key = fields.String(load_default=None)
+    tags = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+
+    @post_load
+    def make(self, data, **_):
+        return RepositoryDefaults(
+            image_tag_mutability=data["image_tag_mutability"],
+            scan_on_push=data["scan_on_push"],
+            encryption_type=data["encryption"],
+            kms_key=data["kms_key"],
+            tags=data["tags"],
+        )
+
+
+class _RegistrySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True, validate=validate.OneOf(["registry", "ecr"]))
+    host = fields.String()
+    username = fields.String()
+    password_env = fields.String()
+    password_file = fields.String()
+    region = fields.String()
+    account_id = fields.String(validate=validate.Regexp(r"[0-9]{12}\Z", error="must be 12 digits"))
+    role_arn = fields.String()
+    create_repositories = fields.Boolean(load_default=False)
+    repository_defaults = fields.Nested(_RepositoryDefaultsSchema, load_default=RepositoryDefaults)
+
+    @validates_schema(pass_original=True)
+    def check(self, data, original, **_):
+        if isinstance(original, Mapping) and "password" in original:
+            raise ValidationError(
+                "passwords never go in the file: use password_env or password_file", "password"
+            )
+        if data.get("password_env") and data.get("password_file"):
+            raise ValidationError("give password_env or password_file, not both", "password_env")
+        if data["type"] == "registry":
+            if not data.get("host"):
+                raise ValidationError("required for type: registry", "host")
+            for key in ("region", "account_id", "role_arn"):
+                if key in data:
+                    raise ValidationError("only for type: ecr", key)
+        else:
+            if not data.get("region"):
+                raise ValidationError("required for type: ecr", "region")
+            for key in ("host", "username", "password_env", "password_file"):
+                if key in data:
+                    raise ValidationError("ECR credentials come from the AWS credential chain", key)
+
+
+class _LimitsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    max_body_bytes = fields.Integer(load_default=Limits.max_body_bytes, validate=validate.Range(min=1024))
+    max_targets = fields.Integer(load_default=Limits.max_targets, validate=validate.Range(min=1, max=100))
+    max_tags_per_target = fields.Integer(load_default=Limits.max_tags_per_target, validate=validate.Range(min=1, max=100))
+
+
+class _RetrySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    max_attempts = fields.Integer(load_default=RetryPolicy.max_attempts, validate=validate.Range(min=1, max=50))
+    backoff_base_seconds = fields.Float(load_default=RetryPolicy.backoff_base_seconds, validate=validate.Range(min=0))
+    backoff_max_seconds = fields.Float(load_default=RetryPolicy.backoff_max_seconds, validate=validate.Range(min=0))
+
+
+class _FileSchema(Schema):
+    # Sections that later versions add (clients, webhooks, ...) must not break older readers.
+    class Meta:
+        unknown = EXCLUDE
+
+    registries = fields.Dict(keys=fields.String(validate=_NAME), values=fields.Nested(_RegistrySchema), load_default=dict)
+    limits = fields.Nested(_LimitsSchema, load_default=dict)
+    retry = fields.Nested(_RetrySchema, load_default=dict)
+    job_timeout_seconds = fields.Integer(load_default=3600, validate=validate.Range(min=10))
+    redis_url = fields.String()
+    log_level = fields.String(load_default="INFO")
+
+
+def _format_errors(messages: Any, prefix: str = "") -> list[str]:
+    if isinstance(messages, Mapping):
+        out = []
+        for key, value in messages.items():
+            out += _format_errors(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return [f"{prefix}: {'; '.join(messages)}"]
+    return [f"{prefix}: {messages}"]
+
+
+def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from an already-parsed YAML document plus environment overrides."""
+    environ = os.environ if environ is None else environ
+    try:
+        data = _FileSchema().load(document or {})
+    except ValidationError as exc:
+        raise ConfigError("invalid configuration: " + ", ".join(_format_errors(exc.messages))) from None
+    registries = {}
+    for name, reg in data["registries"].items():
+        defaults = reg.pop("repository_defaults")
+        registries[name] = Registry(name=name, repository_defaults=defaults, **reg)
+    limits = data["limits"]
+    return Settings(
+        redis_url=environ.get("IMAGEPUB_REDIS_URL") or data.get("redis_url") or DEFAULT_REDIS_URL,
+        registries=registries,
+        limits=Limits(**limits) if not isinstance(limits, Limits) else limits,
+        retry=RetryPolicy(**data["retry"]),
+        job_timeout_seconds=data["job_timeout_seconds"],
+        log_level=environ.get("IMAGEPUB_LOG_LEVEL") or data["log_level"],
+        docker_host=environ.get("DOCKER_HOST"),
+    )
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings for this process: the file named by ``IMAGEPUB_CONFIG`` plus the environment."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("IMAGEPUB_CONFIG")
+    document: Any = {}
+    if path:
+        try:
+            document = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read IMAGEPUB_CONFIG={path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"IMAGEPUB_CONFIG={path} is not valid YAML: {exc}") from None
+        if not isinstance(document, Mapping):
+            raise ConfigError(f"IMAGEPUB_CONFIG={path} must hold a mapping at the top level")
+    return parse(document, environ)

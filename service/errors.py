@@ -1,0 +1,153 @@
+"""imagepub's one exception hierarchy.
+
+Every failure that reaches a caller is an :class:`ImagepubError` with a stable ``code``. The API
+renders them as RFC 9457 problem details; the worker records them in the job. Whether a failure
+is worth retrying is decided here, once, by the class (``transient``), never by scattered
+``try`` blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ImagepubError(Exception):
+    code = "internal_error"
+    status = 500
+    title = "Internal error"
+    transient = False
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, **extra: Any):
+        super().__init__(message or self.title)
+        self.message = message or self.title
+        if code:
+            self.code = code
+        self.extra = extra
+
+    def with_status(self, status: int) -> "ImagepubError":
+        self.status = status
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+# --- request errors (API) ---------------------------------------------------------------------
+
+
+class BadRequest(ImagepubError):
+    code, status, title = "bad_request", 400, "Bad request"
+
+
+class ValidationFailed(ImagepubError):
+    """The request body or parameters break the contract; ``errors`` names each field."""
+
+    code, status, title = "validation_failed", 422, "Request validation failed"
+
+    def __init__(self, errors: list[dict[str, str]], message: str | None = None, *, code: str | None = None):
+        fields_ = ", ".join(e["field"] for e in errors)
+        super().__init__(message or f"invalid fields: {fields_}", code=code)
+        self.errors = errors
+
+
+class NotFound(ImagepubError):
+    code, status, title = "not_found", 404, "Not found"
+
+
+class Conflict(ImagepubError):
+    code, status, title = "conflict", 409, "Conflict"
+
+
+class PayloadTooLarge(ImagepubError):
+    code, status, title = "payload_too_large", 413, "Payload too large"
+
+
+class UnsupportedMediaType(ImagepubError):
+    code, status, title = "unsupported_media_type", 415, "Unsupported media type"
+
+
+class ServiceUnavailable(ImagepubError):
+    code, status, title = "service_unavailable", 503, "Service unavailable"
+    transient = True
+
+
+# --- job failures (worker) --------------------------------------------------------------------
+
+
+class JobFailed(ImagepubError):
+    """A job cannot succeed as asked; retrying would give the same answer."""
+
+    code, status, title = "job_failed", 422, "Job failed"
+
+
+class ImageNotFound(JobFailed):
+    code, title = "image_not_found", "Image not found"
+
+
+class RegistryNotConfigured(JobFailed):
+    code, title = "registry_not_configured", "Registry not configured"
+
+
+class RepositoryNotFound(JobFailed):
+    code, status, title = "repository_not_found", 404, "Repository not found"
+
+
+class RepositoryExists(JobFailed):
+    code, status, title = "repository_exists", 409, "Repository already exists"
+
+
+class AccessDenied(JobFailed):
+    code, status, title = "access_denied", 403, "Access denied"
+
+
+class AuthFailed(JobFailed):
+    code, status, title = "auth_failed", 502, "Registry refused the credentials"
+
+
+class TagImmutable(JobFailed):
+    code, status, title = "tag_immutable", 409, "Tag is immutable"
+
+
+class PushFailed(JobFailed):
+    code, status, title = "push_failed", 502, "Push failed"
+
+
+class PullFailed(JobFailed):
+    code, status, title = "pull_failed", 502, "Pull failed"
+
+
+class ManifestNotFound(JobFailed):
+    code, status, title = "manifest_not_found", 404, "Manifest not found"
+
+
+class Cancelled(ImagepubError):
+    code, status, title = "cancelled", 409, "Cancelled"
+
+
+class TransientError(ImagepubError):
+    """Worth another attempt: throttling, timeouts, a daemon or network hiccup."""
+
+    code, status, title = "transient_error", 503, "Temporary failure"
+    transient = True
+
+
+class Throttled(TransientError):
+    code, status, title = "throttled", 429, "Throttled"
+
+
+class DaemonUnavailable(TransientError):
+    code, title = "daemon_unavailable", "Docker daemon unavailable"
+
+
+class RegistryUnavailable(TransientError):
+    code, status, title = "registry_unavailable", 502, "Registry unavailable"
+
+
+class Timeout(TransientError):
+    code, status, title = "timeout", 504, "Timed out"
+
+
+class TokenRejected(TransientError):
+    """The registry refused a cached token; fetch a fresh one and try once more."""
+
+    code, status, title = "auth_failed", 502, "Registry refused the token"

@@ -1,0 +1,23 @@
+"""gunicorn settings for ``imagepub serve`` (command-line flags and GUNICORN_CMD_ARGS override them)."""
+
+import multiprocessing
+
+workers = min(2 * multiprocessing.cpu_count() + 1, 9)
+worker_class = "gthread"
+threads = 4
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+# Logs go to stderr as JSON lines: the access log included.
+accesslog = "-"
+errorlog = "-"
+access_log_format = '{"time":"%(t)s","level":"INFO","name":"gunicorn.access","remote":"%(h)s","method":"%(m)s","path":"%(U)s","status":%(s)s,"bytes":"%(B)s","duration_us":%(D)s}'
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"error": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
+                 "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}},
+    "loggers": {"gunicorn.error": {"handlers": ["error"], "level": "INFO", "propagate": False},
+                "gunicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
+}

@@ -1,0 +1,62 @@
+"""Structured logs: one JSON object per line, with secrets scrubbed at the last moment.
+
+Secrets that could reach a message (registry passwords, ECR tokens) are registered with
+:func:`register_secret` where they enter the process; the filter replaces them, and the
+``X-Registry-Auth``/``Authorization`` shapes, wherever they appear.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+
+from pythonjsonlogger.json import JsonFormatter
+
+_secrets: set[str] = set()
+_lock = threading.Lock()
+_PATTERNS = [
+    re.compile(r"(?i)(authorization:\s*(?:basic|bearer)\s+)\S+"),
+    re.compile(r"(?i)(x-registry-auth[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9+/=_-]+"),
+    re.compile(r"(?i)([\"']?password[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+]
+
+
+def register_secret(value: str | None) -> None:
+    if value and len(value) >= 6:
+        with _lock:
+            _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "[REDACTED]")
+    for pattern in _PATTERNS:
+        text = pattern.sub(r"\1[REDACTED]", text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level", "asctime": "time"})
+    )
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,58 @@
+"""The Celery application both sides share: the API only sends to it, workers consume it.
+
+Tasks are addressed by name, so the API never imports the worker code (and with it Docker and
+boto3). Messages carry the job id and nothing else: requests live in the job store, credentials
+stay on the workers.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from .config import Settings
+
+RUN_JOB = "imagepub.run_job"
+JOBS_QUEUE = "imagepub.jobs"
+CONTROL_QUEUE = "imagepub.control"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("imagepub", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_default_queue=JOBS_QUEUE,
+        task_queues=[Queue(JOBS_QUEUE), Queue(CONTROL_QUEUE)],
+        task_routes={RUN_JOB: {"queue": JOBS_QUEUE}, "imagepub.control.*": {"queue": CONTROL_QUEUE}},
+        # A job is acknowledged only when it has ended, and goes back to the queue if the worker
+        # process dies under it; each worker process takes one job at a time.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.job_timeout_seconds + 60,
+        task_soft_time_limit=settings.job_timeout_seconds,
+        task_ignore_result=True,
+        result_expires=300,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.job_timeout_seconds + 300},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+class JobQueue:
+    """Puts job ids on the queue."""
+
+    def __init__(self, celery: Celery):
+        self.celery = celery
+
+    @classmethod
+    def from_config(cls, settings: Settings) -> "JobQueue":
+        return cls(make_celery(settings))
+
+    def enqueue(self, job_id: str, *, countdown: float | None = None) -> None:
+        self.celery.send_task(RUN_JOB, args=[job_id], queue=JOBS_QUEUE, countdown=countdown)

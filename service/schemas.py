@@ -1,0 +1,166 @@
+"""Request bodies, loaded by marshmallow. ``openapi.yaml`` states the same rules, and a test
+proves the two agree (tests/service/test_contract.py).
+
+Names follow the Docker reference grammar (github.com/distribution/reference), matched whole
+(``fullmatch``) and ASCII only, so that nothing a caller sends can smuggle another registry,
+option or path into what the worker hands the daemon.
+"""
+
+from __future__ import annotations
+
+import re
+
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from .config import Limits
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*", re.ASCII)
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", re.ASCII)
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}", re.ASCII)
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?)"
+# name[:tag][@digest] with an optional registry host, or an image id (full or short).
+SOURCE_RE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
+    r"|(?:sha256:)?[a-f0-9]{12,64}",
+    re.ASCII,
+)
+MAX_REPOSITORY = 255
+MAX_SOURCE = 512
+
+
+def _matches(regex: re.Pattern, what: str):
+    def check(value: str) -> None:
+        if not regex.fullmatch(value):
+            raise ValidationError(f"not a valid {what}")
+
+    return check
+
+
+def _repository(value: str) -> None:
+    if len(value) > MAX_REPOSITORY:
+        raise ValidationError(f"longer than {MAX_REPOSITORY} characters")
+    _matches(REPOSITORY_RE, "repository name: lowercase path components separated by '/'")(value)
+
+
+Repository = lambda **kw: fields.String(required=True, validate=_repository, **kw)  # noqa: E731
+Tag = lambda **kw: fields.String(validate=_matches(TAG_RE, "tag"), **kw)  # noqa: E731
+RegistryName = lambda: fields.String(required=True, validate=validate.Length(min=1, max=63))  # noqa: E731
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class TargetSchema(_Strict):
+    registry = RegistryName()
+    repository = Repository()
+    tags = fields.List(Tag(), required=True, validate=validate.Length(min=1))
+
+    @post_load
+    def dedupe(self, data, **_):
+        data["tags"] = list(dict.fromkeys(data["tags"]))
+        return data
+
+
+class PublishSchema(_Strict):
+    source = fields.String(
+        required=True, validate=[validate.Length(max=MAX_SOURCE), _matches(SOURCE_RE, "image reference or id")]
+    )
+    targets = fields.List(fields.Nested(TargetSchema), required=True, validate=validate.Length(min=1))
+    create_repository = fields.Boolean(load_default=False)
+    callback_url = fields.Url(load_default=None, allow_none=True, schemes={"http", "https"}, validate=validate.Length(max=2048))
+
+    def __init__(self, limits: Limits = Limits(), **kwargs):
+        super().__init__(**kwargs)
+        self.limits = limits
+
+    @validates_schema(skip_on_field_errors=True)
+    def within_limits(self, data, **_):
+        if len(data["targets"]) > self.limits.max_targets:
+            raise ValidationError(f"at most {self.limits.max_targets} targets", "targets")
+        for i, target in enumerate(data["targets"]):
+            if len(target["tags"]) > self.limits.max_tags_per_target:
+                raise ValidationError(
+                    {str(i): {"tags": [f"at most {self.limits.max_tags_per_target} tags per target"]}}, "targets"
+                )
+
+    @post_load
+    def merge_targets(self, data, **_):
+        """Two entries for one repository become one target with the union of their tags."""
+        merged: dict[tuple[str, str], dict] = {}
+        for target in data["targets"]:
+            key = (target["registry"], target["repository"])
+            if key in merged:
+                merged[key]["tags"] = list(dict.fromkeys(merged[key]["tags"] + target["tags"]))
+            else:
+                merged[key] = target
+        data["targets"] = list(merged.values())
+        return data
+
+
+class PullSchema(_Strict):
+    registry = RegistryName()
+    repository = Repository()
+    tag = Tag()
+    digest = fields.String(validate=_matches(DIGEST_RE, "digest: sha256 and 64 lowercase hex digits"))
+
+    @validates_schema(skip_on_field_errors=True)
+    def one_of_tag_or_digest(self, data, **_):
+        if "tag" in data and "digest" in data:
+            raise ValidationError("give a tag or a digest, not both", "digest")
+
+    @post_load
+    def default_tag(self, data, **_):
+        if "tag" not in data and "digest" not in data:
+            data["tag"] = "latest"
+        return data
+
+
+class JobListQuery(_Strict):
+    state = fields.String(validate=validate.OneOf(["queued", "running", "retrying", "succeeded", "failed", "cancelled"]))
+    kind = fields.String(validate=validate.OneOf(["publish", "pull", "build"]))
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+    cursor = fields.String(validate=validate.Length(max=64))
+
+
+def field_errors(messages, prefix: str = "") -> list[dict[str, str]]:
+    """marshmallow's nested messages as a flat list of ``{"field": "targets.0.tags", "message": …}``."""
+    out: list[dict[str, str]] = []
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            name = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else str(key))
+            out += field_errors(value, name)
+    elif isinstance(messages, list):
+        for item in messages:
+            if isinstance(item, (dict, list)):
+                out += field_errors(item, prefix)
+            else:
+                out.append({"field": prefix or "body", "message": str(item)})
+    else:
+        out.append({"field": prefix or "body", "message": str(messages)})
+    return out
+
+
+class CreateRepositorySchema(_Strict):
+    name = Repository()
+    image_tag_mutability = fields.String(validate=validate.OneOf(["MUTABLE", "IMMUTABLE"]))
+    scan_on_push = fields.Boolean()
+    encryption = fields.String(validate=validate.OneOf(["AES256", "KMS"]))
+    kms_key = fields.String(validate=validate.Length(min=1, max=2048))
+    tags = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=128)),
+        values=fields.String(validate=validate.Length(max=256)),
+        validate=validate.Length(max=50),
+    )
+
+    @validates_schema(skip_on_field_errors=True)
+    def kms_key_needs_kms(self, data, **_):
+        if "kms_key" in data and data.get("encryption") != "KMS":
+            raise ValidationError("kms_key needs \"encryption\": \"KMS\"", "kms_key")
+
+
+class PageQuery(_Strict):
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    cursor = fields.String(validate=validate.Length(min=1, max=4096))

@@ -1,0 +1,1 @@
+"""imagepub's workers: the Celery app, its tasks, and one module per external system."""

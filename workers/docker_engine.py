@@ -1,0 +1,215 @@
+"""The Docker engine, through docker-py's low-level API.
+
+The daemon reports registry failures *inside* a 200 stream (``error`` / ``errorDetail``), not as
+HTTP errors (docker-py #1772, #3161): every line of a push or pull stream is read here and a
+failure becomes one of our typed errors. Credentials go with each call (``X-Registry-Auth``):
+no ``docker login`` state, no config.json, nothing on a command line. An empty auth config is
+sent rather than none, so docker-py never falls back to a config.json it happens to find.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import docker
+import requests
+from docker import errors as docker_errors
+
+from service import errors
+
+log = logging.getLogger(__name__)
+
+# (layer id, status, bytes done, bytes total) — status is one of LAYER_STATES.
+LayerCallback = Callable[[str, str, int | None, int | None], None]
+
+_PUSH_STATUS = {
+    "Preparing": "preparing",
+    "Waiting": "waiting",
+    "Pushing": "pushing",
+    "Pushed": "pushed",
+    "Layer already exists": "exists",
+}
+_PULL_STATUS = {
+    "Pulling fs layer": "waiting",
+    "Waiting": "waiting",
+    "Downloading": "downloading",
+    "Verifying Checksum": "downloading",
+    "Download complete": "downloaded",
+    "Extracting": "extracting",
+    "Pull complete": "pulled",
+    "Already exists": "exists",
+}
+
+# How the daemon words registry failures (distribution's error codes, as the daemon relays
+# them), most specific first. The first match decides the error class.
+_STREAM_ERRORS: list[tuple[re.Pattern, type[errors.ImagepubError]]] = [
+    (re.compile(r"authorization token has expired|token has expired", re.I), errors.TokenRejected),
+    (re.compile(r"tag invalid: .*cannot be overwritten because the repository is immutable", re.I), errors.TagImmutable),
+    (re.compile(r"unauthorized|authentication required|no basic auth credentials|incorrect username or password", re.I), errors.AuthFailed),
+    (re.compile(r"name unknown|repository .* does not exist|repository name not known", re.I), errors.RepositoryNotFound),
+    (re.compile(r"manifest unknown|manifest for .* not found|not found: manifest", re.I), errors.ManifestNotFound),
+    (re.compile(r"denied", re.I), errors.AccessDenied),
+    (re.compile(r"toomanyrequests|too many requests|rate exceeded|throttl", re.I), errors.Throttled),
+    (
+        re.compile(
+            r"connection refused|connection reset|i/o timeout|timeout|timed out|no such host|"
+            r"unexpected EOF|\bEOF\b|broken pipe|server misbehaving|status: 50[0234]|"
+            r"503 Service Unavailable|502 Bad Gateway|temporarily unavailable|network is unreachable",
+            re.I,
+        ),
+        errors.RegistryUnavailable,
+    ),
+]
+
+
+def classify_stream_error(message: str, default: type[errors.ImagepubError]) -> errors.ImagepubError:
+    for pattern, cls in _STREAM_ERRORS:
+        if pattern.search(message):
+            return cls(message)
+    return default(message)
+
+
+@dataclass
+class ImageInfo:
+    id: str
+    repo_tags: list[str]
+    repo_digests: list[str]
+    size: int
+
+
+@dataclass
+class PushResult:
+    digest: str
+    manifest_size: int | None
+    layers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PullResult:
+    digest: str | None
+    image_id: str
+    layers: dict[str, str] = field(default_factory=dict)
+
+
+def _translate_api_error(exc: Exception, not_found: type[errors.ImagepubError], what: str) -> errors.ImagepubError:
+    if isinstance(exc, docker_errors.APIError):
+        explanation = str(exc.explanation or exc)
+        for pattern, cls in _STREAM_ERRORS:
+            if pattern.search(explanation):
+                return cls(f"{what}: {explanation}")
+        if isinstance(exc, docker_errors.NotFound):
+            return not_found(f"{what}: {explanation}")
+        return errors.JobFailed(f"{what}: the Docker daemon answered {exc.status_code}: {explanation}", code="daemon_error")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return errors.DaemonUnavailable(f"{what}: the Docker daemon did not answer in time")
+    return errors.DaemonUnavailable(f"{what}: cannot reach the Docker daemon ({exc.__class__.__name__})")
+
+
+class DockerEngine:
+    def __init__(self, client: docker.APIClient):
+        self.api = client
+
+    @classmethod
+    def from_config(cls, settings) -> "DockerEngine":
+        # No environment lookups here: DOCKER_HOST was read by service.config.
+        base_url = settings.docker_host or "unix:///var/run/docker.sock"
+        return cls(docker.APIClient(base_url=base_url, version="auto", timeout=120))
+
+    def _call(self, what: str, fn, *args, not_found=errors.ImageNotFound, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (docker_errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate_api_error(exc, not_found, what) from None
+
+    def ping(self) -> bool:
+        return bool(self._call("ping", self.api.ping))
+
+    def inspect(self, reference: str) -> ImageInfo:
+        data = self._call(f"image {reference}", self.api.inspect_image, reference)
+        return ImageInfo(
+            id=data["Id"], repo_tags=data.get("RepoTags") or [], repo_digests=data.get("RepoDigests") or [], size=data.get("Size", 0)
+        )
+
+    def tag(self, image_id: str, repository: str, tag: str) -> None:
+        self._call(f"tag {repository}:{tag}", self.api.tag, image_id, repository, tag, force=True)
+
+    def untag(self, reference: str) -> None:
+        try:
+            self.api.remove_image(reference, noprune=True)
+        except docker_errors.DockerException as exc:  # tidying up only: never fail a job for it
+            log.warning("could not remove tag %s: %s", reference, exc.__class__.__name__)
+
+    def push(self, repository: str, tag: str, auth: dict[str, str], on_layer: LayerCallback | None = None) -> PushResult:
+        """Push ``repository:tag`` and return the manifest digest the daemon reports."""
+        stream = self._call(
+            f"push {repository}:{tag}", self.api.push, repository, tag=tag, stream=True, decode=True, auth_config=auth or {}
+        )
+        digest, size, layers = None, None, {}
+        for line in self._read(stream, f"push {repository}:{tag}", errors.PushFailed):
+            status = line.get("status") or ""
+            aux = line.get("aux")
+            if aux and aux.get("Digest"):
+                digest, size = aux["Digest"], aux.get("Size")
+                continue
+            layer = line.get("id")
+            if not layer or not status:
+                continue
+            state = "mounted" if status.startswith("Mounted from") else _PUSH_STATUS.get(status)
+            if state is None:
+                continue
+            layers[layer] = state
+            if on_layer:
+                detail = line.get("progressDetail") or {}
+                on_layer(layer, state, detail.get("current"), detail.get("total"))
+        if not digest:
+            raise errors.PushFailed(f"push {repository}:{tag}: the daemon reported no manifest digest")
+        return PushResult(digest=digest, manifest_size=size, layers=layers)
+
+    def pull(self, repository: str, reference: str, auth: dict[str, str], on_layer: LayerCallback | None = None) -> PullResult:
+        """Pull ``repository:tag`` or ``repository@digest``; ``reference`` is the tag or digest."""
+        full = f"{repository}@{reference}" if reference.startswith("sha256:") else f"{repository}:{reference}"
+        stream = self._call(
+            f"pull {full}", self.api.pull, full, stream=True, decode=True, auth_config=auth or {}, not_found=errors.ImageNotFound
+        )
+        digest, layers = None, {}
+        for line in self._read(stream, f"pull {full}", errors.PullFailed):
+            status = line.get("status") or ""
+            if status.startswith("Digest: "):
+                digest = status.removeprefix("Digest: ").strip()
+                continue
+            layer = line.get("id")
+            state = _PULL_STATUS.get(status)
+            if not layer or state is None:
+                continue
+            layers[layer] = state
+            if on_layer:
+                detail = line.get("progressDetail") or {}
+                on_layer(layer, state, detail.get("current"), detail.get("total"))
+        info = self.inspect(full)
+        if digest is None:
+            digest = next((d.split("@", 1)[1] for d in info.repo_digests if d.startswith(repository + "@")), None)
+        return PullResult(digest=digest, image_id=info.id, layers=layers)
+
+    def registry_digest(self, reference: str, auth: dict[str, str]) -> str:
+        """The manifest digest the registry itself serves for ``reference`` (asked through the daemon)."""
+        data = self._call(
+            f"inspect {reference} in its registry",
+            self.api.inspect_distribution,
+            reference,
+            auth_config=auth or {},
+            not_found=errors.ManifestNotFound,
+        )
+        return data["Descriptor"]["digest"]
+
+    def _read(self, stream: Iterable[dict[str, Any]], what: str, default: type[errors.ImagepubError]) -> Iterator[dict[str, Any]]:
+        try:
+            for line in stream:
+                if "errorDetail" in line or "error" in line:
+                    message = (line.get("errorDetail") or {}).get("message") or line.get("error") or "unknown error"
+                    raise classify_stream_error(message, default)
+                yield line
+        except (requests.exceptions.RequestException, docker_errors.DockerException) as exc:
+            raise _translate_api_error(exc, default, what) from None

@@ -1,0 +1,134 @@
+"""Publish: tag the source image for every target reference, push, and verify each digest."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from service import errors
+
+from .docker_engine import DockerEngine, ImageInfo
+from .registries import Target
+
+if TYPE_CHECKING:
+    from .deps import Deps
+    from .jobs import Progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def with_fresh_auth(target: Target, call: Callable[[dict[str, str]], T]) -> T:
+    """Run ``call(auth)``; when the registry refuses a cached token, drop it and try once more."""
+    try:
+        return call(target.auth_config())
+    except (errors.TokenRejected, errors.AuthFailed) as first:
+        if not getattr(target, "refreshable_auth", False) and not isinstance(first, errors.TokenRejected):
+            raise
+        log.info("registry %s refused its token; fetching a fresh one", target.name)
+        target.invalidate_auth()
+        try:
+            return call(target.auth_config())
+        except errors.TokenRejected as second:
+            raise errors.AuthFailed(f"the registry refused a freshly fetched token: {second.message}") from None
+
+
+def layer_recorder(record: dict[str, Any], progress: "Progress") -> Callable[[str, str, int | None, int | None], None]:
+    """A daemon progress callback that keeps ``record["layers"]`` current."""
+    index = {layer["id"]: layer for layer in record["layers"]}
+    final = {"pushed", "exists", "mounted", "pulled"}
+
+    def on_layer(layer_id: str, state: str, current: int | None, total: int | None) -> None:
+        layer = index.get(layer_id)
+        if layer is None:
+            layer = index[layer_id] = {"id": layer_id, "status": state, "current": None, "total": None}
+            record["layers"].append(layer)
+        elif layer["status"] in final and state in {"exists", "preparing", "waiting"}:
+            return  # a later tag of the same target re-announces the layer: keep what happened first
+        layer["status"] = state
+        if total:
+            layer["current"], layer["total"] = current, total
+        elif state in final and layer["total"]:
+            layer["current"] = layer["total"]
+        progress.save(force=state in final)
+
+    return on_layer
+
+
+def _familiar(repository_ref: str) -> set[str]:
+    """The names the daemon may use for ``repository_ref`` in RepoDigests."""
+    names = {repository_ref}
+    if repository_ref.startswith("docker.io/"):
+        short = repository_ref.removeprefix("docker.io/")
+        names |= {short, short.removeprefix("library/")}
+    return names
+
+
+def _existing_immutable_tag(target: Target, image: ImageInfo, repository_ref: str, tag: str, known_digests: set[str]) -> str:
+    """An immutable tag refused the push: fine when it already holds this very image."""
+    repository = repository_ref.split("/", 1)[1]
+    existing = target.digest_of_tag(repository, tag) if hasattr(target, "digest_of_tag") else None
+    ours = set(known_digests) | {d.split("@", 1)[1] for d in image.repo_digests if d.split("@", 1)[0] in _familiar(repository_ref)}
+    if existing and (existing in ours or getattr(target, "config_digest_of_tag", lambda *_: None)(repository, tag) == image.id):
+        log.info("immutable tag already holds this image", extra={"reference": f"{repository_ref}:{tag}", "digest": existing})
+        return existing
+    raise errors.TagImmutable(
+        f"{repository_ref}:{tag} already exists and the repository is immutable: "
+        f"it holds {existing or 'another image'}, not the source image"
+    )
+
+
+def _push_tag(engine: DockerEngine, target: Target, image: ImageInfo, repository_ref: str, tag: str, on_layer, known_digests: set[str]) -> str:
+    reference = f"{repository_ref}:{tag}"
+    engine.tag(image.id, repository_ref, tag)
+    try:
+        try:
+            result = with_fresh_auth(target, lambda auth: engine.push(repository_ref, tag, auth, on_layer))
+        except errors.TagImmutable:
+            return _existing_immutable_tag(target, image, repository_ref, tag, known_digests)
+        # Verify: the daemon recorded this digest for *our* image under that name, and the
+        # registry itself serves that digest for the tag.
+        pushed = engine.inspect(image.id)
+        if not any(f"{name}@{result.digest}" in pushed.repo_digests for name in _familiar(repository_ref)):
+            raise errors.PushFailed(f"{reference}: the daemon did not record {result.digest} for the source image")
+        served = with_fresh_auth(target, lambda auth: engine.registry_digest(reference, auth))
+        if served != result.digest:
+            raise errors.PushFailed(f"{reference}: the registry serves {served}, the push reported {result.digest}")
+        return result.digest
+    finally:
+        # Leave the daemon's tags as they were, but never remove an image's last name.
+        if reference not in image.repo_tags and len(engine.inspect(image.id).repo_tags) > 1:
+            engine.untag(reference)
+
+
+def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
+    request = job["request"]
+    image = deps.engine.inspect(request["source"])
+    job["source_image_id"] = image.id
+    targets: list[tuple[dict[str, Any], Target]] = []
+    for record in job["targets"]:
+        target = deps.targets.get(record["registry"])
+        if target is None:
+            raise errors.RegistryNotConfigured(f"registry {record['registry']!r} is no longer configured")
+        targets.append((record, target))
+    # Every repository is checked (or created) before the first byte is pushed anywhere.
+    for record, target in targets:
+        if target.ensure_repository(record["repository"], request.get("create_repository", False)):
+            record["repository_created"] = True
+    progress.save()
+    for record, target in targets:
+        if record["state"] == "succeeded":
+            continue  # done on an earlier attempt
+        record["state"] = "pushing"
+        repository_ref = target.repository_ref(record["repository"])
+        on_layer = layer_recorder(record, progress)
+        digests = set()
+        for tag in record["tags"]:
+            with deps.reference_lock(f"{repository_ref}:{tag}"):
+                digests.add(_push_tag(deps.engine, target, image, repository_ref, tag, on_layer, digests))
+            record["references"] = list(dict.fromkeys(record["references"] + [f"{repository_ref}:{tag}"]))
+            progress.save()
+        if len(digests) != 1:
+            raise errors.PushFailed(f"{repository_ref}: tags of one image got different digests {sorted(digests)}")
+        record.update(state="succeeded", digest=digests.pop(), size=image.size)
+        progress.save()
