@@ -18,6 +18,7 @@ logconfig_dict = {
     "formatters": {"json": {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"error": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
                  "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}},
+    "root": {"level": "INFO", "handlers": ["error"]},
     "loggers": {"gunicorn.error": {"handlers": ["error"], "level": "INFO", "propagate": False},
                 "gunicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
 }
