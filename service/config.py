@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -154,12 +154,14 @@ class _RegistrySchema(Schema):
     create_repositories = fields.Boolean(load_default=False)
     repository_defaults = fields.Nested(_RepositoryDefaultsSchema, load_default=RepositoryDefaults)
 
-    @validates_schema(pass_original=True)
-    def check(self, data, original, **_):
-        if isinstance(original, Mapping) and "password" in original:
-            raise ValidationError(
-                "passwords never go in the file: use password_env or password_file", "password"
-            )
+    @pre_load
+    def no_inline_password(self, data, **_):
+        if isinstance(data, Mapping) and "password" in data:
+            raise ValidationError("passwords never go in the file: use password_env or password_file", "password")
+        return data
+
+    @validates_schema
+    def check(self, data, **_):
         if data.get("password_env") and data.get("password_file"):
             raise ValidationError("give password_env or password_file, not both", "password_env")
         if data["type"] == "registry":
@@ -211,6 +213,9 @@ def _format_errors(messages: Any, prefix: str = "") -> list[str]:
     if isinstance(messages, Mapping):
         out = []
         for key, value in messages.items():
+            if key == "value":  # marshmallow's Dict nests value errors under "value"
+                out += _format_errors(value, prefix)
+                continue
             out += _format_errors(value, f"{prefix}.{key}" if prefix else str(key))
         return out
     if isinstance(messages, list) and all(isinstance(m, str) for m in messages):

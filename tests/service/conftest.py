@@ -1,0 +1,85 @@
+"""The API in-process (Flask test client) against the stack's real Redis, on a Redis database
+of its own. Every response a test reads is checked against openapi.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import json
+
+from openapi_core import Config, OpenAPI
+from openapi_core.testing import MockRequest, MockResponse
+
+from service import config
+from service.app import create_app
+
+SPEC = Path(__file__).resolve().parents[2] / "openapi.yaml"
+_openapi = OpenAPI.from_file_path(str(SPEC), config=Config(extra_media_type_deserializers={"application/problem+json": json.loads, "application/yaml": bytes.decode}))
+
+
+def assert_conforms(response) -> None:
+    """The response (status, headers, body) is one openapi.yaml allows for its request."""
+    request = response.request
+    _openapi.validate_response(
+        MockRequest("http://localhost", request.method.lower(), request.path),
+        MockResponse(response.get_data(), status_code=response.status_code, headers=dict(response.headers), content_type=response.mimetype),
+    )
+
+
+class CheckedClient:
+    """A Flask test client whose every response is validated against the contract."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def open(self, *args, **kwargs):
+        response = self.client.open(*args, **kwargs)
+        assert_conforms(response)
+        return response
+
+    def get(self, *a, **kw):
+        return self.open(*a, method="GET", **kw)
+
+    def post(self, *a, **kw):
+        return self.open(*a, method="POST", **kw)
+
+
+@pytest.fixture(scope="session")
+def redis_url(stack) -> str:
+    return stack.redis_url.rsplit("/", 1)[0] + "/1"
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def settings(redis_url, monkeypatch):
+    monkeypatch.setenv("LOCAL_PASSWORD", "s3cret-local-password")
+    return config.parse(
+        {
+            "registries": {
+                "local": {"type": "registry", "host": "localhost:5000"},
+                "hub": {"type": "registry", "host": "docker.io", "username": "acme", "password_env": "LOCAL_PASSWORD"},
+                "prod-ecr": {"type": "ecr", "region": "eu-west-1", "account_id": "123456789012", "create_repositories": True},
+            },
+            "limits": {"max_targets": 3, "max_tags_per_target": 4, "max_body_bytes": 4096},
+        },
+        {"IMAGEPUB_REDIS_URL": redis_url},
+    )
+
+
+@pytest.fixture
+def app(settings, redis_client):
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app) -> CheckedClient:
+    return CheckedClient(app.test_client())
