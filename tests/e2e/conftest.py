@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from ecr_api_proxy import EcrApiProxy
 from stack import free_port
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -52,7 +53,7 @@ class Api:
 
 
 class Service:
-    def __init__(self, stack, config: dict, name: str):
+    def __init__(self, stack, config: dict, name: str, env: dict | None = None):
         self.stack, self.name = stack, name
         self.config_path = stack.tmp / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -61,6 +62,7 @@ class Service:
             "IMAGEPUB_CONFIG": str(self.config_path),
             "SECURE_REGISTRY_PASSWORD": stack.auth_password,
             "WRONG_REGISTRY_PASSWORD": "not-the-password",
+            **(env or {}),
         }
         self.api = Api(f"http://127.0.0.1:{self.port}")
 
@@ -99,8 +101,28 @@ def base_config(stack) -> dict:
 
 
 @pytest.fixture(scope="session")
-def service(stack) -> Service:
-    svc = Service(stack, base_config(stack), "imagepub")
+def ecr_api_proxy(stack):
+    proxy = EcrApiProxy(stack.moto_url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def ecr_api(ecr_api_proxy, stack):
+    """The proxy in front of moto, with no faults and zeroed counters, and no cached ECR token."""
+    import redis
+
+    ecr_api_proxy.reset()
+    client = redis.Redis.from_url(stack.redis_url)
+    for key in client.scan_iter("imagepub:ecr-token:*"):
+        client.delete(key)
+    yield ecr_api_proxy
+    ecr_api_proxy.reset()
+
+
+@pytest.fixture(scope="session")
+def service(stack, ecr_api_proxy) -> Service:
+    svc = Service(stack, base_config(stack), "imagepub", env={"AWS_ENDPOINT_URL_ECR": ecr_api_proxy.url})
     svc.start_api()
     svc.start_worker()
     return svc

@@ -1,0 +1,165 @@
+"""Amazon ECR end to end: moto for the ECR API (behind a counting, fault-injecting proxy) and a
+TLS registry under the real ECR host name for the daemon. Digests are read from the registry
+itself; repository settings from moto directly, not through our code."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import boto3
+import pytest
+
+from ecr_api_proxy import ACCESS_DENIED, THROTTLING
+
+MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@pytest.fixture(scope="module")
+def moto(stack):
+    return boto3.client("ecr", endpoint_url=stack.moto_url, region_name=stack.ecr_region,
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def image(stack, unique):
+    name = f"ecr-src-{unique}:v1"
+    return name, stack.build_image(name, layers=2)
+
+
+def test_repository_create_describe_list(api, stack, moto, unique):
+    name = f"team/app-{unique}"
+    resp = api.post("/v1/registries/ecr/repositories", json={"name": name, "image_tag_mutability": "IMMUTABLE", "scan_on_push": True, "tags": {"team": "a"}})
+    assert resp.status_code == 201, resp.text
+    repo = resp.json()
+    assert repo["uri"] == f"{stack.ecr_host}/{name}"
+    assert resp.headers["Location"] == f"/v1/registries/ecr/repositories/{name}"
+    # what ECR (moto) itself now holds
+    held = moto.describe_repositories(repositoryNames=[name])["repositories"][0]
+    assert held["imageTagMutability"] == "IMMUTABLE" and held["imageScanningConfiguration"]["scanOnPush"] is True
+
+    again = api.post("/v1/registries/ecr/repositories", json={"name": name})
+    assert again.status_code == 409 and again.json()["code"] == "repository_exists"
+
+    for path in (name, name.replace("/", "%2F")):
+        described = api.get(f"/v1/registries/ecr/repositories/{path}")
+        assert described.status_code == 200, described.text
+        assert described.json()["uri"] == repo["uri"] and described.json()["image_tag_mutability"] == "IMMUTABLE"
+
+    missing = api.get(f"/v1/registries/ecr/repositories/team/nothing-{unique}")
+    assert missing.status_code == 404 and missing.json()["code"] == "repository_not_found"
+
+    names, cursor = [], None
+    while True:
+        page = api.get("/v1/registries/ecr/repositories", params={"limit": 1, **({"cursor": cursor} if cursor else {})}).json()
+        names += [r["name"] for r in page["repositories"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert name in names
+
+
+def test_repository_api_errors(api):
+    assert api.get("/v1/registries/nowhere/repositories").json()["code"] == "registry_not_configured"
+    resp = api.get("/v1/registries/local/repositories")
+    assert resp.status_code == 422 and resp.json()["code"] == "not_supported"
+    resp = api.post("/v1/registries/ecr/repositories", json={"name": "Bad Name"})
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "name"
+    resp = api.get("/v1/registries/ecr/repositories/UPPER/case")
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "repository"
+
+
+def test_publish_creates_repository_and_verifies_digest(api, stack, moto, image, unique, ecr_api):
+    source, _ = image
+    repository = f"team/svc-{unique}"
+    job = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": True,
+                                              "targets": [{"registry": "ecr", "repository": repository, "tags": ["latest", "1.0.0"]}]})["id"])
+    assert job["state"] == "succeeded", job
+    target = job["targets"][0]
+    assert target["repository_created"] is True
+    assert target["references"] == [f"{stack.ecr_host}/{repository}:latest", f"{stack.ecr_host}/{repository}:1.0.0"]
+    assert stack.registry_digest(stack.ecr_host, repository, "latest") == target["digest"]
+    assert stack.skopeo_digest(f"{stack.ecr_host}/{repository}:1.0.0") == target["digest"]
+    assert moto.describe_repositories(repositoryNames=[repository])["repositories"][0]["repositoryName"] == repository
+    assert ecr_api.calls["GetAuthorizationToken"] == 1
+
+    # list-images: moto does not see the TLS registry, so put the very manifest the registry
+    # serves through the ECR API, as a push to real ECR would; then read it back through ours.
+    manifest = stack.registry_request("GET", stack.ecr_host, f"/v2/{repository}/manifests/latest", headers={"Accept": MANIFEST_V2}).data
+    put = moto.put_image(repositoryName=repository, imageManifest=manifest.decode(), imageTag="latest", imageManifestMediaType=MANIFEST_V2)
+    # (moto digests the manifest after re-serialising it, so its digest is its own)
+    images = api.get(f"/v1/registries/ecr/repositories/{repository}/images").json()["images"]
+    assert [(i["digest"], i["tags"]) for i in images] == [(put["image"]["imageId"]["imageDigest"], ["latest"])]
+    assert images[0]["pushed_at"] and images[0]["size"]
+
+    pulled = api.wait(api.submit("/v1/pull", {"registry": "ecr", "repository": repository, "tag": "1.0.0"})["id"])
+    assert pulled["state"] == "succeeded", pulled
+    assert pulled["result"]["digest"] == target["digest"]
+
+
+def test_missing_repository_fails_before_pushing(api, stack, image, unique):
+    source, _ = image
+    for registry, create in (("ecr", False), ("ecr-no-create", True)):
+        repository = f"absent/{registry}-{unique}"
+        job = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": create,
+                                                  "targets": [{"registry": registry, "repository": repository, "tags": ["x"]}]})["id"])
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == "repository_not_found"
+        assert job["targets"][0]["layers"] == []
+        assert stack.registry_digest(stack.ecr_host, repository, "x") is None
+
+
+def test_many_concurrent_publishes_fetch_one_token(api, stack, image, unique, ecr_api):
+    ecr_api.expires_in = 12 * 3600  # as real ECR answers
+    source, _ = image
+    repository = f"burst-{unique}"
+    api.post("/v1/registries/ecr/repositories", json={"name": repository})
+    bodies = [{"source": source, "targets": [{"registry": "ecr", "repository": repository, "tags": [f"t{i}"]}]} for i in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        jobs = list(pool.map(lambda body: api.submit("/v1/publish", body), bodies))
+    done = [api.wait(job["id"], timeout=300) for job in jobs]
+    assert {job["state"] for job in done} == {"succeeded"}, [j["error"] for j in done if j["state"] != "succeeded"]
+    assert len({job["targets"][0]["digest"] for job in done}) == 1
+    assert ecr_api.calls["GetAuthorizationToken"] == 1
+    assert stack.registry_digest(stack.ecr_host, repository, "t39") == done[0]["targets"][0]["digest"]
+
+
+def test_expires_at_in_the_past_still_caches(api, image, unique, ecr_api):
+    # moto's own answer: expiresAt in 2015
+    source, _ = image
+    for i in range(3):
+        job = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": True,
+                                                  "targets": [{"registry": "ecr", "repository": f"past-{unique}", "tags": [f"v{i}"]}]})["id"])
+        assert job["state"] == "succeeded", job
+    assert ecr_api.calls["GetAuthorizationToken"] == 1
+
+
+def test_throttling_is_retried_then_succeeds(api, stack, image, unique, ecr_api):
+    source, _ = image
+    # botocore retries three times itself; the fourth throttle reaches the job, which retries.
+    ecr_api.fail("GetAuthorizationToken", THROTTLING, times=4)
+    job = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": True,
+                                              "targets": [{"registry": "ecr", "repository": f"throttled-{unique}", "tags": ["v1"]}]})["id"])
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 2
+    assert job["last_error"]["code"] == "throttled"
+    assert ecr_api.calls["GetAuthorizationToken"] == 5
+    assert stack.registry_digest(stack.ecr_host, f"throttled-{unique}", "v1") == job["targets"][0]["digest"]
+
+
+def test_throttling_that_never_ends_fails_after_bounded_attempts(api, image, unique, ecr_api):
+    source, _ = image
+    ecr_api.fail("GetAuthorizationToken", THROTTLING, times=1000)
+    job = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": True,
+                                              "targets": [{"registry": "ecr", "repository": f"forever-{unique}", "tags": ["v1"]}]})["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "throttled"
+    assert job["attempts"] == 3  # retry.max_attempts in the test config
+
+
+def test_access_denied(api, image, unique, ecr_api):
+    source, _ = image
+    ecr_api.fail("DescribeRepositories", ACCESS_DENIED)
+    job = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "ecr", "repository": f"denied-{unique}", "tags": ["v1"]}]})["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "access_denied"
+    assert "not authorized" in job["error"]["message"]
+    assert job["attempts"] == 1
