@@ -71,7 +71,10 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected)
 
-    from .views import api
+    from .views import jobs
+    from .views_ops import ops
+    from .views_registries import registries
 
-    app.register_blueprint(api)
+    for blueprint in (jobs, registries, ops):
+        app.register_blueprint(blueprint)
     return app

@@ -11,6 +11,7 @@ comes from, and the password is only read, on the worker, at the moment it is us
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -103,14 +104,38 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Recovery:
+    """How jobs whose worker died are found and run again (see workers/supervisor.py)."""
+
+    lock_ttl_seconds: float = 30.0
+    scan_interval_seconds: float = 10.0
+    max_worker_losses: int = 3
+
+
+@dataclass(frozen=True)
+class Webhooks:
+    secret_env: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_attempts: int = 8
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     registries: Mapping[str, Registry] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    recovery: Recovery = field(default_factory=Recovery)
+    webhooks: Webhooks = field(default_factory=Webhooks)
+    retention_seconds: int = 7 * 86400
     job_timeout_seconds: int = 3600
     log_level: str = "INFO"
     docker_host: str | None = None
+
+    def webhook_secret(self) -> str | None:
+        """The webhook signing secret, read now from the variable ``webhooks.secret_env`` names."""
+        return os.environ.get(self.webhooks.secret_env) if self.webhooks.secret_env else None
 
 
 # --- the file's schema ---------------------------------------------------------------------
@@ -196,6 +221,46 @@ class _RetrySchema(Schema):
     backoff_max_seconds = fields.Float(load_default=RetryPolicy.backoff_max_seconds, validate=validate.Range(min=0))
 
 
+_DURATION = re.compile(r"([0-9]+)\s*([smhdw]?)\Z")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class Duration(fields.Field):
+    """``90``, ``30s``, ``15m``, ``12h``, ``7d``, ``2w`` → seconds."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        match = _DURATION.match(str(value).strip())
+        if not match:
+            raise ValidationError("a duration such as 30s, 15m, 12h or 7d")
+        return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+class _RecoverySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    lock_ttl_seconds = fields.Float(load_default=Recovery.lock_ttl_seconds, validate=validate.Range(min=1))
+    scan_interval_seconds = fields.Float(load_default=Recovery.scan_interval_seconds, validate=validate.Range(min=0.2))
+    max_worker_losses = fields.Integer(load_default=Recovery.max_worker_losses, validate=validate.Range(min=1))
+
+
+class _WebhooksSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    secret_env = fields.String(load_default=None)
+    allowed_hosts = fields.List(fields.String(), load_default=list)
+    max_attempts = fields.Integer(load_default=Webhooks.max_attempts, validate=validate.Range(min=1, max=50))
+    timeout_seconds = fields.Float(load_default=Webhooks.timeout_seconds, validate=validate.Range(min=0.5, max=120))
+
+
+class _RetentionSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    finished_jobs = Duration(load_default=7 * 86400, validate=validate.Range(min=60))
+
+
 class _FileSchema(Schema):
     # Sections that later versions add (clients, webhooks, ...) must not break older readers.
     class Meta:
@@ -204,6 +269,9 @@ class _FileSchema(Schema):
     registries = fields.Dict(keys=fields.String(validate=_NAME), values=fields.Nested(_RegistrySchema), load_default=dict)
     limits = fields.Nested(_LimitsSchema, load_default=dict)
     retry = fields.Nested(_RetrySchema, load_default=dict)
+    recovery = fields.Nested(_RecoverySchema, load_default=dict)
+    webhooks = fields.Nested(_WebhooksSchema, load_default=dict)
+    retention = fields.Nested(_RetentionSchema, load_default=dict)
     job_timeout_seconds = fields.Integer(load_default=3600, validate=validate.Range(min=10))
     redis_url = fields.String()
     log_level = fields.String(load_default="INFO")
@@ -240,6 +308,13 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         registries=registries,
         limits=Limits(**limits) if not isinstance(limits, Limits) else limits,
         retry=RetryPolicy(**data["retry"]),
+        recovery=Recovery(**data["recovery"]),
+        webhooks=Webhooks(
+            secret_env=data["webhooks"].get("secret_env"),
+            allowed_hosts=tuple(data["webhooks"].get("allowed_hosts", ())),
+            **{k: v for k, v in data["webhooks"].items() if k in ("max_attempts", "timeout_seconds")},
+        ),
+        retention_seconds=data["retention"].get("finished_jobs", 7 * 86400),
         job_timeout_seconds=data["job_timeout_seconds"],
         log_level=environ.get("IMAGEPUB_LOG_LEVEL") or data["log_level"],
         docker_host=environ.get("DOCKER_HOST"),

@@ -1,18 +1,28 @@
-"""The job store: one JSON record per job in Redis, indexed for listing.
+"""The job store: one JSON record per job in Redis, indexed for listing, with its events.
 
 Keys (all under one prefix, so one Redis can serve several deployments):
 
-- ``job:{id}``                       the job record (JSON), O(1) to read
-- ``jobs``                           every job id, newest first
-- ``jobs:state:{state}``, ``jobs:kind:{kind}``, ``jobs:kind:{kind}:state:{state}``  the filters
+- ``job:{id}``                 the job record (JSON), O(1) to read
+- ``job:{id}:events``          a stream of the record's snapshots, for live progress (SSE)
+- ``job:{id}:cancel``          set when a caller cancels a running job
+- ``jobs``, ``jobs:state:{state}``, ``jobs:kind:{kind}``, ``jobs:kind:{kind}:state:{state}``
+                               the listing indexes
+- ``idem:{client}:{sha256(key)}``  an idempotency key → ``{job id} {request hash}``
+- ``delayed``                  jobs waiting for their next attempt, scored by due time
+- ``workers``                  worker heartbeats
 
 Job ids are UUIDv7, so their text order is their creation order: the indexes are sorted sets
 with score 0 read with ``ZREVRANGEBYLEX``, and a page costs O(log n + page size) whatever the
 size of the store. The cursor is the last id of the previous page.
+
+A terminal state is final: the save script refuses to overwrite it, so a worker that finishes
+after a caller cancelled cannot resurrect the job. Finished jobs, their events and their
+idempotency keys expire after the retention period.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -24,6 +34,32 @@ import redis
 KINDS = ("publish", "pull", "build")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+EVENTS_MAXLEN = 2000
+
+# KEYS: job, events, idempotency key (or a dummy). ARGV: record, new state, kind, prefix, id,
+# event type, ttl of a finished job.
+_SAVE = """
+local current = redis.call('GET', KEYS[1])
+if not current then return -1 end
+local state = cjson.decode(current)['state']
+if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
+local new, kind, prefix, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+redis.call('SET', KEYS[1], ARGV[1])
+if state ~= new then
+  redis.call('ZREM', prefix .. 'jobs:state:' .. state, id)
+  redis.call('ZREM', prefix .. 'jobs:kind:' .. kind .. ':state:' .. state, id)
+  redis.call('ZADD', prefix .. 'jobs:state:' .. new, 0, id)
+  redis.call('ZADD', prefix .. 'jobs:kind:' .. kind .. ':state:' .. new, 0, id)
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', ARGV[6], 'job', ARGV[1])
+if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
+  local ttl = tonumber(ARGV[7])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) end
+end
+return 1
+""" % EVENTS_MAXLEN
 
 
 def new_job_id() -> str:
@@ -47,28 +83,39 @@ def utcnow() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
+def _dumps(job: dict[str, Any]) -> str:
+    return json.dumps(job, separators=(",", ":"))
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "imagepub:"):
+    def __init__(self, client: redis.Redis, prefix: str = "imagepub:", *, retention_seconds: int = 7 * 86400):
         self.redis = client
         self.prefix = prefix
+        self.retention_seconds = retention_seconds
+        self._save = client.register_script(_SAVE)
 
     @classmethod
     def from_config(cls, settings) -> "JobStore":
-        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30))
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        return cls(client, retention_seconds=settings.retention_seconds)
 
     # --- keys ---
 
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
+    def _events_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:events"
+
+    def cancel_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:cancel"
+
+    def idempotency_key(self, client: str, key: str) -> str:
+        return f"{self.prefix}idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
+
     def _indexes(self, kind: str, state: str) -> tuple[str, ...]:
         p = self.prefix
         return (f"{p}jobs", f"{p}jobs:state:{state}", f"{p}jobs:kind:{kind}", f"{p}jobs:kind:{kind}:state:{state}")
-
-    def _state_indexes(self, kind: str) -> Iterable[str]:
-        for state in STATES:
-            yield f"{self.prefix}jobs:state:{state}"
-            yield f"{self.prefix}jobs:kind:{kind}:state:{state}"
 
     def _index_for(self, state: str | None, kind: str | None) -> str:
         p = self.prefix
@@ -82,57 +129,171 @@ class JobStore:
 
     # --- records ---
 
-    def create(self, job: dict[str, Any], pipe: redis.client.Pipeline | None = None) -> None:
-        """Store a new job and index it; with ``pipe``, only queue the commands on it."""
-        own = pipe is None
-        pipe = pipe if pipe is not None else self.redis.pipeline()
-        pipe.set(self._job_key(job["id"]), json.dumps(job, separators=(",", ":")))
+    def create(self, job: dict[str, Any]) -> None:
+        """Store a new job, index it and start its event stream."""
+        record = _dumps(job)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._job_key(job["id"]), record)
         for key in self._indexes(job["kind"], job["state"]):
             pipe.zadd(key, {job["id"]: 0})
-        if own:
-            pipe.execute()
+        pipe.xadd(self._events_key(job["id"]), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(self._job_key(job_id))
         return json.loads(raw) if raw else None
 
-    def save(self, job: dict[str, Any], *, previous_state: str | None = None) -> None:
-        """Write the whole record; when the state changed, move it between the state indexes."""
+    def save(self, job: dict[str, Any], *, event: str = "progress") -> bool:
+        """Write the whole record and append it to the job's events; move it between the state
+        indexes when its state changed. False when the stored job had already ended (cancelled
+        by a caller, say) or expired: nothing was written."""
         job["updated_at"] = utcnow()
-        pipe = self.redis.pipeline()
-        pipe.set(self._job_key(job["id"]), json.dumps(job, separators=(",", ":")))
-        if previous_state is not None and previous_state != job["state"]:
-            for key in self._state_indexes(job["kind"]):
-                pipe.zrem(key, job["id"])
-            for key in self._indexes(job["kind"], job["state"])[1:]:
-                if ":state:" in key:
-                    pipe.zadd(key, {job["id"]: 0})
-        pipe.execute()
+        idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self._job_key(job["id"]) + ":no-idem"
+        result = self._save(
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem],
+            args=[_dumps(job), job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds],
+        )
+        return result == 1
 
     def list(
         self, *, state: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None]:
         """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
         index = self._index_for(state, kind)
+        jobs: list[dict[str, Any]] = []
         upper = f"({cursor}" if cursor else "+"
-        ids = self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit + 1)
-        more = len(ids) > limit
-        ids = ids[:limit]
-        if not ids:
-            return [], None
-        raws = self.redis.mget([self._job_key(i) for i in ids])
-        jobs = [json.loads(raw) for raw in raws if raw]
-        return jobs, (ids[-1] if more else None)
+        while True:
+            wanted = limit + 1 - len(jobs)
+            ids = self.redis.zrevrangebylex(index, upper, "-", start=0, num=wanted)
+            if not ids:
+                return jobs, None
+            raws = self.redis.mget([self._job_key(i) for i in ids])
+            expired = [i for i, raw in zip(ids, raws) if raw is None]
+            if expired:  # finished jobs past retention: forget them in every index
+                self._unindex(expired)
+            for job_id, raw in zip(ids, raws):
+                if raw is None:
+                    continue
+                if len(jobs) == limit:
+                    return jobs, jobs[-1]["id"]
+                jobs.append(json.loads(raw))
+            if len(ids) < wanted:
+                return jobs, None
+            upper = f"({ids[-1]}"
+
+    def _unindex(self, ids: list[str]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._all_indexes():
+            pipe.zrem(key, *ids)
+        pipe.execute()
+
+    def _all_indexes(self) -> Iterable[str]:
+        yield f"{self.prefix}jobs"
+        for state in STATES:
+            yield f"{self.prefix}jobs:state:{state}"
+        for kind in KINDS:
+            yield f"{self.prefix}jobs:kind:{kind}"
+            for state in STATES:
+                yield f"{self.prefix}jobs:kind:{kind}:state:{state}"
 
     def delete(self, job: dict[str, Any]) -> None:
         pipe = self.redis.pipeline()
-        pipe.delete(self._job_key(job["id"]))
+        pipe.delete(self._job_key(job["id"]), self._events_key(job["id"]))
         for key in self._indexes(job["kind"], job["state"]):
             pipe.zrem(key, job["id"])
         pipe.execute()
 
+    def running_ids(self) -> list[str]:
+        return self.redis.zrange(f"{self.prefix}jobs:state:running", 0, -1)
+
     def ping(self) -> bool:
         return bool(self.redis.ping())
+
+    # --- idempotency ---
+
+    def claim_idempotency_key(self, client: str, key: str, job_id: str, request_hash: str, ttl: int) -> tuple[str, str] | None:
+        """Bind ``key`` to a new job; or, when it is bound already, its (job id, request hash)."""
+        name = self.idempotency_key(client, key)
+        if self.redis.set(name, f"{job_id} {request_hash}", nx=True, ex=ttl):
+            return None
+        value = self.redis.get(name)
+        if value is None:  # expired between the two calls: claim it again
+            return self.claim_idempotency_key(client, key, job_id, request_hash, ttl)
+        bound_id, _, bound_hash = value.partition(" ")
+        return bound_id, bound_hash
+
+    def release_idempotency_key(self, client: str, key: str) -> None:
+        self.redis.delete(self.idempotency_key(client, key))
+
+    # --- cancellation ---
+
+    def cancel(self, job_id: str) -> tuple[str, dict[str, Any] | None]:
+        """Cancel a job: ``("cancelled", job)`` when it had not started (it never will run),
+        ``("requested", job)`` when it is running (its worker stops it), ``("finished", job)``
+        when it had already ended, ``("missing", None)``."""
+        key = self._job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return "missing", None
+                    job = json.loads(raw)
+                    if job["state"] in TERMINAL_STATES:
+                        pipe.unwatch()
+                        return "finished", job
+                    pipe.multi()
+                    pipe.set(self.cancel_key(job_id), "1", ex=self.retention_seconds)
+                    if job["state"] == "running":
+                        pipe.execute()
+                        return "requested", job
+                    previous = job["state"]
+                    job.update(state="cancelled", finished_at=utcnow(), updated_at=utcnow(),
+                               error={"code": "cancelled", "message": "cancelled before it ran"}, next_attempt_at=None)
+                    record = _dumps(job)
+                    pipe.set(key, record, ex=self.retention_seconds)
+                    for index in self._indexes(job["kind"], previous)[1::2]:
+                        pipe.zrem(index, job_id)
+                    for index in self._indexes(job["kind"], "cancelled")[1::2]:
+                        pipe.zadd(index, {job_id: 0})
+                    pipe.zrem(f"{self.prefix}delayed", job_id)
+                    pipe.xadd(self._events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
+                    pipe.expire(self._events_key(job_id), self.retention_seconds)
+                    pipe.execute()
+                    return "cancelled", job
+                except redis.WatchError:
+                    continue
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.cancel_key(job_id)))
+
+    # --- events ---
+
+    def latest_event(self, job_id: str) -> tuple[str, str, str] | None:
+        """The newest event (event id, type, job JSON), if any."""
+        entries = self.redis.xrevrange(self._events_key(job_id), count=1)
+        if not entries:
+            return None
+        event_id, fields = entries[0]
+        return event_id, fields["type"], fields["job"]
+
+    def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int = 100) -> list[tuple[str, str, str]]:
+        """Events after ``after``: (event id, type, job JSON); waits up to ``block_ms`` for one."""
+        answer = self.redis.xread({self._events_key(job_id): after}, count=count, block=block_ms)
+        return [(event_id, fields["type"], fields["job"]) for _, entries in answer for event_id, fields in entries]
+
+    # --- retries waiting for their time ---
+
+    def schedule(self, job_id: str, due: float) -> None:
+        self.redis.zadd(f"{self.prefix}delayed", {job_id: due})
+
+    def due(self, now: float, limit: int = 100) -> list[str]:
+        return self.redis.zrangebyscore(f"{self.prefix}delayed", "-inf", now, start=0, num=limit)
+
+    def unschedule(self, job_id: str) -> None:
+        self.redis.zrem(f"{self.prefix}delayed", job_id)
 
     # --- worker liveness ---
 

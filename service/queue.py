@@ -13,6 +13,7 @@ from kombu import Queue
 from .config import Settings
 
 RUN_JOB = "imagepub.run_job"
+DELIVER_WEBHOOK = "imagepub.deliver_webhook"
 JOBS_QUEUE = "imagepub.jobs"
 CONTROL_QUEUE = "imagepub.control"
 
@@ -25,7 +26,7 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer="json",
         task_default_queue=JOBS_QUEUE,
         task_queues=[Queue(JOBS_QUEUE), Queue(CONTROL_QUEUE)],
-        task_routes={RUN_JOB: {"queue": JOBS_QUEUE}, "imagepub.control.*": {"queue": CONTROL_QUEUE}},
+        task_routes={RUN_JOB: {"queue": JOBS_QUEUE}, DELIVER_WEBHOOK: {"queue": CONTROL_QUEUE}, "imagepub.control.*": {"queue": CONTROL_QUEUE}},
         # A job is acknowledged only when it has ended, and goes back to the queue if the worker
         # process dies under it; each worker process takes one job at a time.
         task_acks_late=True,
@@ -36,6 +37,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_expires=300,
         broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
         broker_transport_options={"visibility_timeout": settings.job_timeout_seconds + 300},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -56,3 +59,6 @@ class JobQueue:
 
     def enqueue(self, job_id: str, *, countdown: float | None = None) -> None:
         self.celery.send_task(RUN_JOB, args=[job_id], queue=JOBS_QUEUE, countdown=countdown)
+
+    def send_webhook(self, job_id: str) -> None:
+        self.celery.send_task(DELIVER_WEBHOOK, args=[job_id], queue=CONTROL_QUEUE)

@@ -1,50 +1,39 @@
-"""HTTP endpoints. Views validate, record, enqueue and answer; they never touch Docker or ECR."""
+"""Job endpoints: submit (publish, pull), read, list, cancel, follow. Views validate, record,
+enqueue and answer; they never touch Docker or ECR."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Any
+import re
+import time
+from typing import Any, Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from marshmallow import Schema, ValidationError
-from werkzeug.exceptions import BadRequest as WerkzeugBadRequest
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
-from . import control, schemas
-from .errors import BadRequest, NotFound, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from .callbacks import CallbackRefused, check_callback_url
+from .errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from .http import ctx, json_body, load, load_query
 from .jobs import new_job
-from .jobstore import is_job_id
-from .schemas import JobListQuery, PublishSchema, PullSchema, field_errors
+from .jobstore import TERMINAL_STATES, is_job_id
+from .schemas import JobListQuery, PublishSchema, PullSchema
 
 log = logging.getLogger(__name__)
-api = Blueprint("api", __name__)
+jobs = Blueprint("jobs", __name__)
 
-WORKER_HEARTBEAT_MAX_AGE = 30.0
-
-
-def _ctx() -> dict[str, Any]:
-    return current_app.extensions["imagepub"]
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
+EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
+SSE_KEEPALIVE_MS = 15000
 
 
-def _json_body() -> Any:
-    if not request.is_json:
-        raise UnsupportedMediaType("send the request body as application/json")
-    try:
-        return request.get_json()
-    except WerkzeugBadRequest:
-        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
-
-
-def _load(schema: Schema, data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ValidationFailed([{"field": "body", "message": "must be a JSON object"}])
-    try:
-        return schema.load(data)
-    except ValidationError as exc:
-        raise ValidationFailed(field_errors(exc.messages)) from None
+def _client() -> str:
+    """The calling client's name (scopes and ownership come with API tokens)."""
+    return "anonymous"
 
 
 def _check_registries(names: list[tuple[str, str]]) -> None:
-    registries = _ctx()["settings"].registries
+    registries = ctx()["settings"].registries
     errors = [
         {"field": field, "message": f"no registry named {name!r} is configured"}
         for field, name in names
@@ -54,154 +43,169 @@ def _check_registries(names: list[tuple[str, str]]) -> None:
         raise ValidationFailed(errors, "unknown registry: " + ", ".join(e["field"] for e in errors), code="registry_not_configured")
 
 
-def _submit(kind: str, normalized: dict[str, Any]) -> Response:
-    ctx = _ctx()
-    job = new_job(kind, normalized)
-    store, queue = ctx["store"], ctx["queue"]
-    store.create(job)
+def _check_callback(data: dict[str, Any]) -> None:
+    if not data.get("callback_url"):
+        return
     try:
-        queue.enqueue(job["id"])
-    except Exception as exc:  # broker down: take the record back so nothing is half-done
-        log.error("enqueue failed for job %s: %s", job["id"], exc.__class__.__name__)
-        store.delete(job)
-        raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
-    log.info("job accepted", extra={"job_id": job["id"], "kind": kind})
+        check_callback_url(data["callback_url"], ctx()["settings"].webhooks.allowed_hosts)
+    except CallbackRefused as exc:
+        raise ValidationFailed([{"field": "callback_url", "message": str(exc)}], code="callback_url_forbidden") from None
+
+
+def _accepted(job: dict[str, Any], replayed: bool = False) -> Response:
     resp = jsonify(job)
     resp.status_code = 202
-    resp.headers["Location"] = url_for("api.get_job", job_id=job["id"])
+    resp.headers["Location"] = url_for("jobs.get_job", job_id=job["id"])
+    if replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
     return resp
 
 
-@api.post("/v1/publish")
+def _replay(store, bound_id: str, bound_hash: str, request_hash: str) -> Response:
+    if bound_hash != request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used with a different request; use a new key for a new request",
+            code="idempotency_conflict",
+        )
+    for _ in range(20):  # the first request may still be storing its job
+        job = store.get(bound_id)
+        if job is not None:
+            return _accepted(job, replayed=True)
+        time.sleep(0.05)
+    raise Conflict("a request with this Idempotency-Key is still being processed; retry", code="idempotency_in_progress")
+
+
+def _submit(kind: str, normalized: dict[str, Any]) -> Response:
+    settings, store, queue = ctx()["settings"], ctx()["store"], ctx()["queue"]
+    client, key = _client(), request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValidationFailed([{"field": "Idempotency-Key", "message": "1 to 255 visible ASCII characters"}])
+    job = new_job(kind, normalized)
+    job["client"] = client
+    if key is not None:
+        job["idempotency_key"] = key
+        request_hash = hashlib.sha256(json.dumps([kind, normalized], sort_keys=True).encode()).hexdigest()
+        ttl = settings.retention_seconds + 2 * 86400  # shortened to the retention when the job ends
+        bound = store.claim_idempotency_key(client, key, job["id"], request_hash, ttl)
+        if bound is not None:
+            return _replay(store, *bound, request_hash)
+    try:
+        store.create(job)
+        queue.enqueue(job["id"])
+    except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
+        log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
+        try:
+            store.delete(job)
+            if key is not None:
+                store.release_idempotency_key(client, key)
+        except Exception:
+            pass
+        raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
+    log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})
+    return _accepted(job)
+
+
+@jobs.post("/v1/publish")
 def publish():
-    data = _load(PublishSchema(limits=_ctx()["settings"].limits), _json_body())
+    data = load(PublishSchema(limits=ctx()["settings"].limits), json_body())
     _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
+    _check_callback(data)
     return _submit("publish", data)
 
 
-@api.post("/v1/pull")
+@jobs.post("/v1/pull")
 def pull():
-    data = _load(PullSchema(), _json_body())
+    data = load(PullSchema(), json_body())
     _check_registries([("registry", data["registry"])])
+    _check_callback(data)
     return _submit("pull", data)
 
 
-@api.get("/v1/jobs/<job_id>")
-def get_job(job_id: str):
-    job = _ctx()["store"].get(job_id) if is_job_id(job_id) else None
+def _job_or_404(job_id: str) -> dict[str, Any]:
+    job = ctx()["store"].get(job_id) if is_job_id(job_id) else None
     if job is None:
         raise NotFound(f"no job {job_id}", code="job_not_found")
-    return jsonify(job)
+    return job
 
 
-@api.get("/v1/jobs")
+@jobs.get("/v1/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(_job_or_404(job_id))
+
+
+@jobs.get("/v1/jobs")
 def list_jobs():
-    try:
-        query = JobListQuery().load(request.args.to_dict())
-    except ValidationError as exc:
-        raise ValidationFailed(field_errors(exc.messages)) from None
+    query = load_query(JobListQuery())
     if "cursor" in query and not is_job_id(query["cursor"]):
         raise ValidationFailed([{"field": "cursor", "message": "not a cursor from a previous page"}])
-    jobs, next_cursor = _ctx()["store"].list(
+    page, next_cursor = ctx()["store"].list(
         state=query.get("state"), kind=query.get("kind"), limit=query["limit"], cursor=query.get("cursor")
     )
-    resp = jsonify({"jobs": jobs, "next_cursor": next_cursor})
+    resp = jsonify({"jobs": page, "next_cursor": next_cursor})
     if next_cursor:
         args = {k: v for k, v in query.items() if k != "cursor"}
-        resp.headers["Link"] = f'<{url_for("api.list_jobs", cursor=next_cursor, **args)}>; rel="next"'
+        resp.headers["Link"] = f'<{url_for("jobs.list_jobs", cursor=next_cursor, **args)}>; rel="next"'
     return resp
 
 
-@api.get("/v1/registries")
-def list_registries():
-    registries = _ctx()["settings"].registries.values()
-    return jsonify({"registries": [r.public() for r in registries]})
-
-
-@api.get("/healthz")
-def healthz():
-    return jsonify({"status": "ok"})
-
-
-@api.get("/readyz")
-def readyz():
-    store = _ctx()["store"]
-    checks: dict[str, dict[str, Any]] = {}
-    try:
-        store.ping()
-        checks["redis"] = {"ok": True}
-    except Exception as exc:
-        checks["redis"] = {"ok": False, "detail": f"Redis does not answer ({exc.__class__.__name__})"}
-    if checks["redis"]["ok"]:
-        workers = store.live_workers(WORKER_HEARTBEAT_MAX_AGE)
-        checks["workers"] = {"ok": bool(workers), "live": len(workers)}
-        if not workers:
-            checks["workers"]["detail"] = f"no worker heartbeat in the last {WORKER_HEARTBEAT_MAX_AGE:.0f} s"
-    else:
-        checks["workers"] = {"ok": False, "detail": "unknown while Redis is unavailable"}
-    ready = all(c["ok"] for c in checks.values())
-    resp = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
-    resp.status_code = 200 if ready else 503
+@jobs.post("/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    _job_or_404(job_id)
+    outcome, job = ctx()["store"].cancel(job_id)
+    if outcome == "missing":
+        raise NotFound(f"no job {job_id}", code="job_not_found")
+    if outcome == "finished":
+        raise Conflict(f"job {job_id} already ended {job['state']}", code="job_finished")
+    log.info("job cancel %s", outcome, extra={"job_id": job_id})
+    if outcome == "cancelled":
+        if job["request"].get("callback_url"):
+            ctx()["queue"].send_webhook(job_id)
+        return jsonify(job)
+    resp = jsonify(job)  # running: its worker stops it and records "cancelled"
+    resp.status_code = 202
     return resp
 
 
-@api.get("/openapi.yaml")
-def openapi_spec():
-    return Response(_ctx()["spec"], mimetype="application/yaml")
+def _sse(event_id: str, event: str, data: str) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
 
-# --- registries' repositories and images (answered by a worker over the control queue) ------
+@jobs.get("/v1/jobs/<job_id>/events")
+def job_events(job_id: str):
+    """Server-Sent Events: the job's snapshots as they are written, closing after the end."""
+    job = _job_or_404(job_id)
+    store = ctx()["store"]
+    last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    if last is not None and not EVENT_ID.fullmatch(last):
+        raise ValidationFailed([{"field": "Last-Event-ID", "message": "not an event id from this stream"}])
 
+    def stream() -> Iterator[str]:
+        after = last
+        if after is None:
+            # A new follower starts from the latest snapshot, not from the whole history.
+            latest = store.latest_event(job_id)
+            if latest is None:
+                yield _sse("0-0", "state", json.dumps(job))
+                return
+            after, kind, data = latest
+            yield _sse(after, kind, data)
+            if json.loads(data)["state"] in TERMINAL_STATES:
+                return
+        yield "retry: 2000\n\n"
+        while True:
+            events = store.events(job_id, after, block_ms=SSE_KEEPALIVE_MS)
+            if not events:
+                if store.get(job_id) is None:
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            for event_id, kind, data in events:
+                after = event_id
+                yield _sse(event_id, kind, data)
+                if json.loads(data)["state"] in TERMINAL_STATES:
+                    return
 
-def _registry(name: str):
-    registry = _ctx()["settings"].registries.get(name)
-    if registry is None:
-        raise NotFound(f"no registry named {name!r} is configured", code="registry_not_configured")
-    return registry
-
-
-def _repository_name(value: str) -> str:
-    try:
-        schemas._repository(value)
-    except ValidationError as exc:
-        raise ValidationFailed([{"field": "repository", "message": "; ".join(exc.messages)}]) from None
-    return value
-
-
-def _page() -> dict[str, Any]:
-    try:
-        return schemas.PageQuery().load(request.args.to_dict())
-    except ValidationError as exc:
-        raise ValidationFailed(field_errors(exc.messages)) from None
-
-
-@api.post("/v1/registries/<registry>/repositories")
-def create_repository(registry: str):
-    _registry(registry)
-    data = _load(schemas.CreateRepositorySchema(), _json_body())
-    repo = _ctx()["control"].call(control.CREATE_REPOSITORY, registry, data)
-    resp = jsonify(repo)
-    resp.status_code = 201
-    resp.headers["Location"] = url_for("api.describe_repository", registry=registry, repository=repo["name"])
+    resp = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
     return resp
-
-
-@api.get("/v1/registries/<registry>/repositories")
-def list_repositories(registry: str):
-    _registry(registry)
-    page = _page()
-    return jsonify(_ctx()["control"].call(control.LIST_REPOSITORIES, registry, page["limit"], page.get("cursor")))
-
-
-@api.get("/v1/registries/<registry>/repositories/<path:repository>/images")
-def list_images(registry: str, repository: str):
-    _registry(registry)
-    page = _page()
-    name = _repository_name(repository)
-    return jsonify(_ctx()["control"].call(control.LIST_IMAGES, registry, name, page["limit"], page.get("cursor")))
-
-
-@api.get("/v1/registries/<registry>/repositories/<path:repository>")
-def describe_repository(registry: str, repository: str):
-    _registry(registry)
-    return jsonify(_ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, _repository_name(repository)))

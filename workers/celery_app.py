@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import socket
-import threading
 
 from celery import signals
 
 from service import config
+from service.jobstore import JobStore
 from service.logs import configure_logging
-from service.queue import make_celery
+from service.queue import JobQueue, make_celery
 
 settings = config.load()
 app = make_celery(settings)
 app.conf.include = ["workers.tasks", "workers.control"]
-
-HEARTBEAT_SECONDS = 10.0
-log = logging.getLogger(__name__)
 
 
 @signals.setup_logging.connect
@@ -26,21 +23,11 @@ def _setup_logging(**_):
 
 
 @signals.worker_ready.connect
-def _start_heartbeat(sender=None, **_):
-    """Tell the API (``/readyz``) that a worker is alive, every few seconds, from the main process."""
-    from service.jobstore import JobStore
+def _start_supervisor(sender=None, **_):
+    """Heartbeats, due retries and recovery of jobs whose worker died: from the main process."""
+    from .supervisor import Supervisor
 
-    store = JobStore.from_config(settings)
-    name = getattr(sender, "hostname", None) or socket.gethostname()
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(HEARTBEAT_SECONDS):
-            try:
-                store.heartbeat(name)
-            except Exception as exc:  # Redis away: readiness will say so; keep trying
-                log.warning("heartbeat failed: %s", exc.__class__.__name__)
-
-    store.heartbeat(name)
-    threading.Thread(target=beat, name="imagepub-heartbeat", daemon=True).start()
-    signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)
+    name = f"{getattr(sender, 'hostname', None) or socket.gethostname()}:{os.getpid()}"
+    supervisor = Supervisor(settings, JobStore.from_config(settings), JobQueue(app), name)
+    supervisor.start()
+    signals.worker_shutdown.connect(lambda **_: supervisor.stop(), weak=False)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import redis
 
-from service import config
+from service import config, errors
 from service.config import Settings
 from service.jobstore import JobStore
+from service.queue import JobQueue
 
 from .docker_engine import DockerEngine
 from .registries import Target, build_targets
@@ -28,6 +30,7 @@ class Deps:
     store: JobStore
     engine: DockerEngine
     targets: Mapping[str, Target]
+    queue: JobQueue
 
     @classmethod
     def from_config(cls, settings: Settings) -> "Deps":
@@ -40,21 +43,20 @@ class Deps:
             store=store,
             engine=DockerEngine.from_config(settings),
             targets=build_targets(settings, lambda cfg: EcrRegistry.from_config(cfg, store.redis)),
+            queue=JobQueue.from_config(settings),
         )
 
     @contextlib.contextmanager
-    def reference_lock(self, reference: str) -> Iterator[None]:
+    def reference_lock(self, reference: str, check=lambda: None) -> Iterator[None]:
         """Serialise tag-and-push of one reference across every worker: the daemon's tag is
-        shared state, and two jobs must never push each other's image under one name."""
-        lock = self.redis.lock(
-            f"imagepub:lock:ref:{reference}",
-            timeout=self.settings.job_timeout_seconds,
-            blocking_timeout=self.settings.job_timeout_seconds,
-        )
-        if not lock.acquire():
-            from service.errors import Timeout
-
-            raise Timeout(f"{reference} stayed locked by another job")
+        shared state, and two jobs must never push each other's image under one name.
+        ``check()`` runs while waiting (it raises when the job is cancelled)."""
+        lock = self.redis.lock(f"imagepub:lock:ref:{reference}", timeout=self.settings.job_timeout_seconds, thread_local=False)
+        deadline = time.monotonic() + self.settings.job_timeout_seconds
+        while not lock.acquire(blocking_timeout=0.5):
+            check()
+            if time.monotonic() > deadline:
+                raise errors.Timeout(f"{reference} stayed locked by another job")
         try:
             yield
         finally:

@@ -1,16 +1,26 @@
 """Running a job: the state machine around the publish and pull steps.
 
-Plain functions over a :class:`~workers.deps.Deps`, so a test can run a job without a broker. The
-task in ``workers/tasks.py`` only adds Celery's redelivery and retry scheduling around ``run``.
+Plain functions over a :class:`~workers.deps.Deps`, so a test can run a job without a broker; the
+Celery task in ``workers/tasks.py`` only hands over the job id.
+
+Delivery is at least once (late acks; the supervisor re-enqueues jobs whose worker died), so a
+job may be delivered again while, or after, it runs. A per-job lock in Redis, kept alive while
+the job runs, lets exactly one delivery run it; a delivery of a job that has ended does nothing.
+A job whose every run killed its worker ends ``failed`` (``worker_lost``) after
+``recovery.max_worker_losses`` deliveries.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
 from service import errors
 from service.jobstore import TERMINAL_STATES, utcnow
@@ -24,34 +34,8 @@ log = logging.getLogger(__name__)
 STEPS = {"publish": publish, "pull": pull}
 
 
-class RetryLater(Exception):
-    """The job failed transiently and has attempts left: run it again after ``delay`` seconds."""
-
-    def __init__(self, delay: float):
-        super().__init__(f"retry in {delay:.1f}s")
-        self.delay = delay
-
-
-class Progress:
-    """The job record while it runs: changes are written at most every ``interval`` seconds,
-    and at once for anything but byte counts."""
-
-    def __init__(self, job: dict[str, Any], deps: Deps, interval: float = 0.5):
-        self.job, self.deps, self.interval = job, deps, interval
-        self._last_write = 0.0
-
-    def save(self, *, previous_state: str | None = None, force: bool = True) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_write < self.interval:
-            return
-        self._last_write = now
-        self.deps.store.save(self.job, previous_state=previous_state)
-
-    def transition(self, state: str, **fields: Any) -> None:
-        previous = self.job["state"]
-        self.job["state"] = state
-        self.job.update(fields)
-        self.save(previous_state=previous)
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -59,40 +43,152 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+class Guard:
+    """While a job runs: keeps its lock alive and notices a cancellation, from a thread."""
+
+    def __init__(self, deps: Deps, job_id: str):
+        self.deps, self.job_id = deps, job_id
+        ttl = deps.settings.recovery.lock_ttl_seconds
+        self.lock = deps.redis.lock(f"imagepub:lock:job:{job_id}", timeout=ttl, thread_local=False)
+        self.cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"guard-{job_id[:8]}", daemon=True)
+
+    def acquire(self) -> bool:
+        if not self.lock.acquire(blocking=False):
+            return False
+        self._thread.start()
+        return True
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            self.lock.release()
+        except redis.exceptions.LockError:
+            pass
+
+    def _watch(self) -> None:
+        ttl = self.deps.settings.recovery.lock_ttl_seconds
+        last_extend = time.monotonic()
+        while not self._stop.wait(0.25):
+            try:
+                if not self.cancelled.is_set() and self.deps.store.cancel_requested(self.job_id):
+                    self.cancelled.set()
+                if time.monotonic() - last_extend > ttl / 3:
+                    self.lock.reacquire()
+                    last_extend = time.monotonic()
+            except redis.exceptions.RedisError as exc:  # Redis hiccup: try again next tick
+                log.warning("job guard: %s", exc.__class__.__name__, extra={"job_id": self.job_id})
+
+    def check(self) -> None:
+        """Raise :class:`~service.errors.Cancelled` once the job has been cancelled."""
+        if self.cancelled.is_set():
+            raise errors.Cancelled("cancelled while running")
+
+
+class Progress:
+    """The job record while it runs: changes are written at most every ``interval`` seconds,
+    and at once for anything but byte counts. Every write also checks for cancellation."""
+
+    def __init__(self, job: dict[str, Any], deps: Deps, guard: Guard | None = None, interval: float = 0.5):
+        self.job, self.deps, self.guard, self.interval = job, deps, guard, interval
+        self._last_write = 0.0
+
+    def check(self) -> None:
+        if self.guard:
+            self.guard.check()
+
+    def save(self, *, force: bool = True, event: str = "progress") -> None:
+        self.check()
+        now = time.monotonic()
+        if not force and now - self._last_write < self.interval:
+            return
+        self._last_write = now
+        if not self.deps.store.save(self.job, event=event):
+            # The stored job ended under us: a caller cancelled it before we noticed.
+            raise errors.Cancelled("the job was ended by a caller")
+
+    def transition(self, state: str, **fields: Any) -> None:
+        self.job["state"] = state
+        self.job.update(fields)
+        if not self.deps.store.save(self.job, event="state") and state not in TERMINAL_STATES:
+            raise errors.Cancelled("the job was ended by a caller")
+
+
 def run(job_id: str, deps: Deps) -> None:
     job = deps.store.get(job_id)
     if job is None:
-        log.warning("job %s is not in the store (expired?); dropping the message", job_id)
+        log.warning("job is not in the store (expired?); dropping the message", extra={"job_id": job_id})
         return
     if job["state"] in TERMINAL_STATES:
-        log.info("job %s already ended %s; ignoring a duplicate delivery", job_id, job["state"])
+        log.info("job already ended; ignoring a duplicate delivery", extra={"job_id": job_id, "state": job["state"]})
         return
-    progress = Progress(job, deps)
-    progress.transition(
-        "running", attempts=job["attempts"] + 1, started_at=job["started_at"] or utcnow(), next_attempt_at=None
-    )
-    log.info("job started", extra={"job_id": job_id, "kind": job["kind"], "attempt": job["attempts"]})
+    guard = Guard(deps, job_id)
+    if not guard.acquire():
+        log.info("job is running elsewhere; ignoring a duplicate delivery", extra={"job_id": job_id})
+        return
     try:
+        job = deps.store.get(job_id)  # re-read under the lock
+        if job is None or job["state"] in TERMINAL_STATES:
+            return
+        deps.store.unschedule(job_id)
+        _run_locked(job, deps, guard)
+    finally:
+        guard.release()
+    if job["state"] in TERMINAL_STATES and job["request"].get("callback_url"):
+        deps.queue.send_webhook(job_id)
+
+
+def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:
+    progress = Progress(job, deps, guard)
+    if job["state"] == "running":
+        # The last delivery died mid-run (its worker was killed): count it, and stop a job
+        # that kills every worker it lands on.
+        job["worker_losses"] = job.get("worker_losses", 0) + 1
+        log.warning("job was running on a worker that died", extra={"job_id": job["id"], "losses": job["worker_losses"]})
+        if job["worker_losses"] >= deps.settings.recovery.max_worker_losses:
+            error = errors.ImagepubError(
+                f"the job's worker died {job['worker_losses']} times while running it; not trying again",
+                code="worker_lost",
+            )
+            progress.transition("failed", finished_at=utcnow(), error=error.to_dict())
+            return
+    try:
+        progress.transition("running", attempts=job["attempts"] + 1, started_at=job["started_at"] or utcnow(), next_attempt_at=None)
+        log.info("job started", extra={"job_id": job["id"], "kind": job["kind"], "attempt": job["attempts"]})
         STEPS[job["kind"]](job, deps, progress)
+    except errors.Cancelled:
+        job.pop("worker_losses", None)
+        progress.transition("cancelled", finished_at=utcnow(), error={"code": "cancelled", "message": "cancelled while running"})
+        log.info("job cancelled", extra={"job_id": job["id"]})
+        return
     except errors.ImagepubError as exc:
         _failed(progress, exc)
         return
+    except SoftTimeLimitExceeded:
+        limit = deps.settings.job_timeout_seconds
+        _failed(progress, errors.JobFailed(f"the job ran longer than job_timeout_seconds ({limit} s)", code="timeout"))
+        return
     except Exception:
-        log.exception("job %s failed unexpectedly", job_id)
+        log.exception("job failed unexpectedly", extra={"job_id": job["id"]})
         _failed(progress, errors.ImagepubError("an unexpected error stopped the job; it has been logged"))
         return
     progress.transition("succeeded", finished_at=utcnow(), error=None)
-    log.info("job succeeded", extra={"job_id": job_id})
+    log.info("job succeeded", extra={"job_id": job["id"]})
 
 
 def _failed(progress: Progress, exc: errors.ImagepubError) -> None:
-    job, policy = progress.job, progress.deps.settings.retry
+    job, deps = progress.job, progress.deps
+    policy = deps.settings.retry
     error = exc.to_dict()
     if exc.transient and job["attempts"] < policy.max_attempts:
         delay = backoff(job["attempts"], policy.backoff_base_seconds, policy.backoff_max_seconds)
-        at = datetime.now(timezone.utc) + timedelta(seconds=delay)
-        progress.transition("retrying", last_error=error, next_attempt_at=at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        due = time.time() + delay
+        # Scheduled before the state says so: a crash in between leaves a job the supervisor
+        # finds (running, unlocked) rather than one that waits forever.
+        deps.store.schedule(job["id"], due)
+        progress.transition("retrying", last_error=error, next_attempt_at=_iso(due))
         log.warning("job will retry", extra={"job_id": job["id"], "code": exc.code, "delay": round(delay, 2)})
-        raise RetryLater(delay)
+        return
     progress.transition("failed", finished_at=utcnow(), error=error, last_error=error)
     log.warning("job failed", extra={"job_id": job["id"], "code": exc.code})

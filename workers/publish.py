@@ -117,6 +117,7 @@ def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
             record["repository_created"] = True
     progress.save()
     for record, target in targets:
+        progress.check()
         if record["state"] == "succeeded":
             continue  # done on an earlier attempt
         record["state"] = "pushing"
@@ -124,7 +125,7 @@ def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
         on_layer = layer_recorder(record, progress)
         digests = set()
         for tag in record["tags"]:
-            with deps.reference_lock(f"{repository_ref}:{tag}"):
+            with deps.reference_lock(f"{repository_ref}:{tag}", progress.check):
                 digests.add(_push_tag(deps.engine, target, image, repository_ref, tag, on_layer, digests))
             record["references"] = list(dict.fromkeys(record["references"] + [f"{repository_ref}:{tag}"]))
             progress.save()

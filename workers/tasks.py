@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from service.queue import RUN_JOB
+from service.queue import DELIVER_WEBHOOK, RUN_JOB
 
 from .celery_app import app
 from .deps import get_deps
-from .jobs import RetryLater, run
+from .jobs import run
+from .webhooks import deliver
 
 
-@app.task(name=RUN_JOB, bind=True, max_retries=None)
-def run_job(self, job_id: str) -> None:
-    try:
-        run(job_id, get_deps())
-    except RetryLater as later:
-        raise self.retry(countdown=later.delay) from None
+@app.task(name=RUN_JOB)
+def run_job(job_id: str) -> None:
+    run(job_id, get_deps())
+
+
+@app.task(name=DELIVER_WEBHOOK, bind=True, max_retries=None)
+def deliver_webhook(self, job_id: str) -> None:
+    delay = deliver(job_id, get_deps(), attempt=self.request.retries + 1)
+    if delay is not None:
+        raise self.retry(countdown=delay)

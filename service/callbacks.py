@@ -1,0 +1,47 @@
+"""Callback URLs: where a job's webhook may go.
+
+A caller names a URL; imagepub's workers then POST to it from inside the network. So a URL
+whose host is, or resolves to, a loopback, private, link-local or otherwise internal address is
+refused (server-side request forgery), unless the operator listed that host in
+``webhooks.allowed_hosts``. Checked at submission and again just before each delivery (the
+name may resolve differently by then).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+
+class CallbackRefused(ValueError):
+    pass
+
+
+def _internal(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def check_callback_url(url: str, allowed_hosts: tuple[str, ...] | list[str]) -> None:
+    """Raise :class:`CallbackRefused` when ``url`` may not receive webhooks."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise CallbackRefused("must be an http or https URL with a host")
+    if parts.username or parts.password:
+        raise CallbackRefused("must not carry credentials")
+    host = parts.hostname.lower().rstrip(".")
+    if host in {h.lower() for h in allowed_hosts}:
+        return
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        raise CallbackRefused(f"host {host!r} does not resolve") from None
+    for *_, sockaddr in infos:
+        if _internal(sockaddr[0]):
+            raise CallbackRefused(
+                f"host {host!r} resolves to the internal address {sockaddr[0]}; "
+                "an operator can allow it in webhooks.allowed_hosts"
+            )

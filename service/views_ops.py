@@ -1,0 +1,45 @@
+"""Operations endpoints: liveness, readiness, the spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from .http import ctx
+
+ops = Blueprint("ops", __name__)
+
+WORKER_HEARTBEAT_MAX_AGE = 30.0
+
+
+@ops.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@ops.get("/readyz")
+def readyz():
+    store = ctx()["store"]
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        store.ping()
+        checks["redis"] = {"ok": True}
+    except Exception as exc:
+        checks["redis"] = {"ok": False, "detail": f"Redis does not answer ({exc.__class__.__name__})"}
+    if checks["redis"]["ok"]:
+        workers = store.live_workers(WORKER_HEARTBEAT_MAX_AGE)
+        checks["workers"] = {"ok": bool(workers), "live": len(workers)}
+        if not workers:
+            checks["workers"]["detail"] = f"no worker heartbeat in the last {WORKER_HEARTBEAT_MAX_AGE:.0f} s"
+    else:
+        checks["workers"] = {"ok": False, "detail": "unknown while Redis is unavailable"}
+    ready = all(c["ok"] for c in checks.values())
+    resp = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    resp.status_code = 200 if ready else 503
+    return resp
+
+
+@ops.get("/openapi.yaml")
+def openapi_spec():
+    return Response(ctx()["spec"], mimetype="application/yaml")

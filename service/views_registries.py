@@ -1,0 +1,74 @@
+"""Registries, and their repositories and images (answered by a worker over the control queue:
+see service/control.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify, url_for
+from marshmallow import ValidationError
+
+from . import control, schemas
+from .errors import NotFound, ValidationFailed
+from .http import ctx, json_body, load, load_query
+
+registries = Blueprint("registries", __name__)
+
+
+@registries.get("/v1/registries")
+def list_registries():
+    configured = ctx()["settings"].registries.values()
+    return jsonify({"registries": [r.public() for r in configured]})
+
+
+
+
+def _registry(name: str):
+    registry = ctx()["settings"].registries.get(name)
+    if registry is None:
+        raise NotFound(f"no registry named {name!r} is configured", code="registry_not_configured")
+    return registry
+
+
+def _repository_name(value: str) -> str:
+    try:
+        schemas._repository(value)
+    except ValidationError as exc:
+        raise ValidationFailed([{"field": "repository", "message": "; ".join(exc.messages)}]) from None
+    return value
+
+
+def _page() -> dict[str, Any]:
+    return load_query(schemas.PageQuery())
+
+
+@registries.post("/v1/registries/<registry>/repositories")
+def create_repository(registry: str):
+    _registry(registry)
+    data = load(schemas.CreateRepositorySchema(), json_body())
+    repo = ctx()["control"].call(control.CREATE_REPOSITORY, registry, data)
+    resp = jsonify(repo)
+    resp.status_code = 201
+    resp.headers["Location"] = url_for("registries.describe_repository", registry=registry, repository=repo["name"])
+    return resp
+
+
+@registries.get("/v1/registries/<registry>/repositories")
+def list_repositories(registry: str):
+    _registry(registry)
+    page = _page()
+    return jsonify(ctx()["control"].call(control.LIST_REPOSITORIES, registry, page["limit"], page.get("cursor")))
+
+
+@registries.get("/v1/registries/<registry>/repositories/<path:repository>/images")
+def list_images(registry: str, repository: str):
+    _registry(registry)
+    page = _page()
+    name = _repository_name(repository)
+    return jsonify(ctx()["control"].call(control.LIST_IMAGES, registry, name, page["limit"], page.get("cursor")))
+
+
+@registries.get("/v1/registries/<registry>/repositories/<path:repository>")
+def describe_repository(registry: str, repository: str):
+    _registry(registry)
+    return jsonify(ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, _repository_name(repository)))

@@ -1,0 +1,88 @@
+"""The worker's supervisor: a thread in each worker's main process that
+
+- sends a heartbeat (``/readyz`` wants a recent one),
+- enqueues jobs whose retry is due (retries wait in a Redis sorted set, not in a worker's
+  memory as Celery ETA tasks would, so a worker that dies takes no waiting retry with it),
+- finds jobs whose worker died — ``running`` but with no live job lock — and enqueues them
+  again, so that a killed worker (or machine) delays a job by about a minute, not by Redis'
+  visibility timeout.
+
+Every worker runs one; a short Redis lock lets one at a time do the sweeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from service.config import Settings
+from service.jobstore import JobStore
+from service.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, name: str):
+        self.settings, self.store, self.queue, self.name = settings, store, queue, name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="imagepub-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self.store.heartbeat(self.name)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        last_beat = last_scan = 0.0
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            try:
+                if now - last_beat >= HEARTBEAT_SECONDS:
+                    self.store.heartbeat(self.name)
+                    last_beat = now
+                self.enqueue_due()
+                if now - last_scan >= self.settings.recovery.scan_interval_seconds:
+                    self.recover_orphans()
+                    last_scan = now
+            except redis.exceptions.RedisError as exc:  # Redis away: readiness says so; keep trying
+                log.warning("supervisor: Redis error %s", exc.__class__.__name__)
+            except Exception:
+                log.exception("supervisor loop failed; continuing")
+
+    def _sweep_lock(self, what: str, ttl: float) -> bool:
+        return bool(self.store.redis.set(f"imagepub:supervisor:{what}", self.name, nx=True, px=int(ttl * 1000)))
+
+    def enqueue_due(self) -> int:
+        due = self.store.due(time.time())
+        if not due or not self._sweep_lock("due", 5):
+            return 0
+        for job_id in due:
+            # Enqueue first, then forget: a crash in between means a duplicate delivery, which
+            # the job lock and the state check absorb; the other order could lose the job.
+            self.queue.enqueue(job_id)
+            self.store.unschedule(job_id)
+        log.info("enqueued due retries", extra={"count": len(due)})
+        return len(due)
+
+    def recover_orphans(self) -> list[str]:
+        if not self._sweep_lock("orphans", max(1.0, self.settings.recovery.scan_interval_seconds)):
+            return []
+        running = self.store.running_ids()
+        if not running:
+            return []
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job_id in running:
+            pipe.exists(f"imagepub:lock:job:{job_id}")
+        orphans = [job_id for job_id, locked in zip(running, pipe.execute()) if not locked]
+        for job_id in orphans:
+            log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
+            self.queue.enqueue(job_id)
+        return orphans
