@@ -3,47 +3,13 @@ of its own. Every response a test reads is checked against openapi.yaml."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import redis
-import json
-
-from openapi_core import Config, OpenAPI
-from openapi_core.testing import MockRequest, MockResponse
 
 from service import config
 from service.app import create_app
 
-SPEC = Path(__file__).resolve().parents[2] / "openapi.yaml"
-_openapi = OpenAPI.from_file_path(str(SPEC), config=Config(extra_media_type_deserializers={"application/problem+json": json.loads, "application/yaml": bytes.decode}))
-
-
-def assert_conforms(response) -> None:
-    """The response (status, headers, body) is one openapi.yaml allows for its request."""
-    request = response.request
-    _openapi.validate_response(
-        MockRequest("http://localhost", request.method.lower(), request.path),
-        MockResponse(response.get_data(), status_code=response.status_code, headers=dict(response.headers), content_type=response.mimetype),
-    )
-
-
-class CheckedClient:
-    """A Flask test client whose every response is validated against the contract."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def open(self, *args, **kwargs):
-        response = self.client.open(*args, **kwargs)
-        assert_conforms(response)
-        return response
-
-    def get(self, *a, **kw):
-        return self.open(*a, method="GET", **kw)
-
-    def post(self, *a, **kw):
-        return self.open(*a, method="POST", **kw)
+from helpers import CheckedClient
 
 
 @pytest.fixture(scope="session")

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
 
-GOOD = {"source": "python-lab:latest", "targets": [{"registry": "local", "repository": "team/app", "tags": ["latest", "1.4.2"]}]}
-
-
-def problem(resp, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    assert resp.mimetype == "application/problem+json"
-    body = resp.get_json(force=True)
-    assert body["code"] == code and body["status"] == status
-    return body
-
-
-def queued_job_ids(redis_client) -> list[str]:
-    """Job ids in the Celery messages waiting on the jobs queue (kombu's Redis list)."""
-    ids = []
-    for raw in redis_client.lrange("imagepub.jobs", 0, -1):
-        message = json.loads(raw)
-        body = json.loads(base64.b64decode(message["body"]))
-        ids.append(body[0][0])
-    return ids
-
+from helpers import GOOD, problem, queued_job_ids
 
 def test_publish_is_stored_then_enqueued(client, redis_client):
     resp = client.post("/v1/publish", json=GOOD)

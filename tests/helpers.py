@@ -1,0 +1,75 @@
+"""Helpers shared by the test packages (tests/ is on sys.path: see tests/conftest.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from openapi_core import Config, OpenAPI
+from openapi_core.testing import MockRequest, MockResponse
+
+SPEC = Path(__file__).resolve().parents[1] / "openapi.yaml"
+_openapi = OpenAPI.from_file_path(
+    str(SPEC),
+    config=Config(extra_media_type_deserializers={
+        "application/problem+json": json.loads, "application/yaml": bytes.decode, "text/event-stream": bytes.decode,
+    }),
+)
+GOOD = {"source": "python-lab:latest", "targets": [{"registry": "local", "repository": "team/app", "tags": ["latest", "1.4.2"]}]}
+
+
+def assert_conforms(method: str, path: str, status: int, headers: dict, body: bytes, mimetype: str) -> None:
+    """A response (status, headers, body) is one openapi.yaml allows for its request."""
+    _openapi.validate_response(
+        MockRequest("http://localhost", method.lower(), path),
+        MockResponse(body, status_code=status, headers=headers, content_type=mimetype),
+    )
+
+
+class CheckedClient:
+    """A Flask test client whose every response is validated against the contract."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def open(self, *args, **kwargs):
+        response = self.client.open(*args, **kwargs)
+        assert_conforms(response.request.method, response.request.path, response.status_code,
+                        dict(response.headers), response.get_data(), response.mimetype)
+        return response
+
+    def get(self, *a, **kw):
+        return self.open(*a, method="GET", **kw)
+
+    def post(self, *a, **kw):
+        return self.open(*a, method="POST", **kw)
+
+
+def problem(resp, status: int, code: str) -> dict:
+    """Assert ``resp`` is the problem+json ``code`` with ``status``; return its body."""
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert resp.mimetype == "application/problem+json"
+    body = resp.get_json(force=True)
+    assert body["code"] == code and body["status"] == status
+    return body
+
+
+def queued_job_ids(redis_client) -> list[str]:
+    """Job ids in the Celery messages waiting on the jobs queue (kombu's Redis list)."""
+    ids = []
+    for raw in redis_client.lrange("imagepub.jobs", 0, -1):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        ids.append(body[0][0])
+    return ids
+
+
+def parse_sse(text: str) -> list[dict]:
+    """The events of a text/event-stream body: {"id", "event", "data" (parsed JSON)}."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "data" in fields:
+            events.append({**fields, "data": json.loads(fields["data"])})
+    return events

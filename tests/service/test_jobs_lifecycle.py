@@ -1,0 +1,125 @@
+"""Idempotency, cancellation, callback URL checks, live events and retention, through the API
+against real Redis (no worker: the jobs stay queued unless a test moves them)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from service.jobstore import JobStore
+
+from helpers import GOOD, CheckedClient, parse_sse, problem, queued_job_ids
+
+
+def test_idempotency_key_same_body_gives_the_original_job(client, redis_client):
+    first = client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "build-42"})
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    # the same request, written differently (key order, a duplicate tag merged away)
+    again_body = {"targets": [{"tags": ["latest", "1.4.2", "latest"], "repository": "team/app", "registry": "local"}], "source": "python-lab:latest"}
+    again = client.post("/v1/publish", json=again_body, headers={"Idempotency-Key": "build-42"})
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert queued_job_ids(redis_client) == [first.get_json()["id"]]
+    assert len(client.get("/v1/jobs").get_json()["jobs"]) == 1
+
+    changed = client.post("/v1/publish", json={**GOOD, "source": "other:1"}, headers={"Idempotency-Key": "build-42"})
+    problem(changed, 409, "idempotency_conflict")
+    # a pull with the same key is a different request too
+    problem(client.post("/v1/pull", json={"registry": "local", "repository": "a"}, headers={"Idempotency-Key": "build-42"}), 409, "idempotency_conflict")
+    # other keys are independent
+    assert client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "build-43"}).get_json()["id"] != first.get_json()["id"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "ünïcode"])
+def test_bad_idempotency_keys(client, key):
+    resp = client.client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")})
+    body = problem(resp, 422, "validation_failed")
+    assert body["errors"][0]["field"] == "Idempotency-Key"
+
+
+def test_cancel_a_queued_job(client, app, redis_client):
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    resp = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert resp.status_code == 200
+    cancelled = resp.get_json()
+    assert cancelled["state"] == "cancelled" and cancelled["finished_at"] and cancelled["error"]["code"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job['id']}").get_json()["state"] == "cancelled"
+    assert [j["id"] for j in client.get("/v1/jobs?state=cancelled").get_json()["jobs"]] == [job["id"]]
+    assert client.get("/v1/jobs?state=queued").get_json()["jobs"] == []
+    problem(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+    problem(client.post("/v1/jobs/0190f2a4-0000-7000-8000-000000000000/cancel"), 404, "job_not_found")
+    # a worker that picks the message up later can no longer write a state over it
+    store = app.extensions["imagepub"]["store"]
+    stale = {**job, "state": "running"}
+    assert store.save(stale) is False
+    assert store.get(job["id"])["state"] == "cancelled"
+
+
+def test_cancel_a_running_job_asks_its_worker(client, app):
+    store = app.extensions["imagepub"]["store"]
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    job["state"] = "running"
+    store.save(job)
+    resp = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert resp.status_code == 202 and resp.get_json()["state"] == "running"
+    assert store.cancel_requested(job["id"])
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/hook", "http://localhost/hook", "http://169.254.169.254/latest/meta-data",
+    "http://10.1.2.3/x", "http://[::1]/x", "http://0.0.0.0/x", "http://user:pw@example.com/x",
+    "http://no-such-host.invalid/x",
+])
+def test_internal_callback_urls_are_refused(client, url, redis_client):
+    body = problem(client.post("/v1/publish", json={**GOOD, "callback_url": url}), 422, "callback_url_forbidden")
+    assert body["errors"][0]["field"] == "callback_url"
+    assert redis_client.keys("imagepub:job:*") == []
+
+
+def test_allowed_hosts_may_be_internal(settings, redis_client):
+    from dataclasses import replace
+
+    from service.app import create_app
+
+    allowed = replace(settings, webhooks=replace(settings.webhooks, allowed_hosts=("127.0.0.1",)))
+    client = CheckedClient(create_app(allowed).test_client())
+    assert client.post("/v1/publish", json={**GOOD, "callback_url": "http://127.0.0.1:9/hook"}).status_code == 202
+
+
+def test_events_of_a_finished_job_replay_its_end_and_close(client, app):
+    store = app.extensions["imagepub"]["store"]
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    for state in ("running", "succeeded"):
+        job["state"] = state
+        store.save(job, event="state")
+    resp = client.get(f"/v1/jobs/{job['id']}/events")
+    assert resp.status_code == 200 and resp.mimetype == "text/event-stream"
+    events = parse_sse(resp.get_data(as_text=True))
+    assert [(e["event"], e["data"]["state"]) for e in events] == [("state", "succeeded")]
+
+    # resuming from the first event replays what followed it, and closes after the end
+    first_id = store.events(job["id"], "0-0")[0][0]
+    resumed = parse_sse(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": first_id}).get_data(as_text=True))
+    assert [e["data"]["state"] for e in resumed] == ["running", "succeeded"]
+    problem(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "nope"}), 422, "validation_failed")
+    problem(client.get("/v1/jobs/0190f2a4-0000-7000-8000-000000000000/events"), 404, "job_not_found")
+
+
+def test_finished_jobs_expire_after_retention(app, client, redis_client):
+    store: JobStore = app.extensions["imagepub"]["store"]
+    short = JobStore(store.redis, retention_seconds=1)
+    keep = client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "k1"}).get_json()
+    done = client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "k2"}).get_json()
+    done["state"] = "succeeded"
+    assert short.save(done, event="state")
+    assert 0 < redis_client.ttl(f"imagepub:job:{done['id']}") <= 1
+    assert 0 < redis_client.ttl(short.idempotency_key("anonymous", "k2")) <= 1
+    assert redis_client.ttl(f"imagepub:job:{keep['id']}") == -1  # unfinished jobs never expire
+    time.sleep(1.2)
+    problem(client.get(f"/v1/jobs/{done['id']}"), 404, "job_not_found")
+    assert [j["id"] for j in client.get("/v1/jobs").get_json()["jobs"]] == [keep["id"]]
+    assert redis_client.zscore("imagepub:jobs", done["id"]) is None  # the listing forgot it
+    # the key expired with its job: it may be used again, for a new job
+    assert client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "k2"}).get_json()["id"] != done["id"]
