@@ -53,8 +53,9 @@ class Api:
 
 
 class Service:
-    def __init__(self, stack, config: dict, name: str, env: dict | None = None):
+    def __init__(self, stack, config: dict, name: str, env: dict | None = None, redis_db: int = 0):
         self.stack, self.name = stack, name
+        self.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
         self.config_path = stack.tmp / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.port = free_port()
@@ -62,6 +63,7 @@ class Service:
             "IMAGEPUB_CONFIG": str(self.config_path),
             "SECURE_REGISTRY_PASSWORD": stack.auth_password,
             "WRONG_REGISTRY_PASSWORD": "not-the-password",
+            "IMAGEPUB_REDIS_URL": self.redis_url,
             **(env or {}),
         }
         self.api = Api(f"http://127.0.0.1:{self.port}")
@@ -83,6 +85,15 @@ class Service:
         name = f"{self.name}-{suffix}"
         self.stack.spawn(name, [imagepub_command(), "worker", "--concurrency", str(concurrency)], env=self.env)
         self.stack.wait_for_log(name, "ready", timeout=60)
+
+    def kill_worker(self, suffix: str = "worker") -> None:
+        """kill -9 of the whole worker (main process and pool), as when its machine dies."""
+        name = f"{self.name}-{suffix}"
+        self.stack.kill(name)
+        self.stack.proc(name).wait(10)
+
+    def stop_worker(self, suffix: str = "worker") -> None:
+        self.stack.stop(f"{self.name}-{suffix}")
 
 
 def base_config(stack) -> dict:
