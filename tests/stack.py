@@ -8,7 +8,10 @@ folder, and is torn down at the end (see /work/shared/TESTBED.md for the recipe)
   mount namespace where a private /etc/hosts maps the emulated ECR host name to
   a loopback address and a private /etc/docker holds certs.d/<ecr host>/ca.crt,
 * a plain distribution registry, a basic-auth registry, and an emulated ECR
-  registry (TLS on <random 127.X.Y.Z>:443, basic auth AWS/<moto's token>),
+  registry (basic auth AWS/<moto's token>, plain HTTP on 127.0.0.1:<port>) behind
+  ``stack.ecr_registry``, a TLS reverse proxy on <random 127.X.Y.Z>:443 running in
+  this process (tests/registry_proxy.py) that logs every request and can answer
+  with ECR's own errors (immutable tag, expired token, ...) instead of forwarding,
 * moto_server for the ECR API.
 
 Usage::
@@ -43,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
+
+from registry_proxy import RegistryProxy
 
 __all__ = ["Stack", "StackError", "start_stack", "free_port"]
 
@@ -198,6 +203,10 @@ class Stack:
         self.auth_password = ""
         self.ecr_ip = ""
         self.ecr_ca: Path | None = None
+        # The TLS proxy on ecr_ip:443 in front of the ECR registry (fault-injection seam),
+        # and the registry's own plain-HTTP address behind it.
+        self.ecr_registry: RegistryProxy | None = None
+        self.ecr_upstream = ""
         self.moto_url = ""
         self._procs: dict[str, subprocess.Popen] = {}
         self._infra: dict[str, subprocess.Popen] = {}
@@ -272,9 +281,11 @@ class Stack:
         pending.append(("auth-registry", time.monotonic(),
                         lambda: self._http_ready(f"http://{self.auth_registry}/v2/")))
 
-        # Emulated ECR registry: TLS on <random loopback>:443. Wait for it before
-        # dockerd, since the daemon's /etc/hosts needs the address it really got.
+        # Emulated ECR registry: plain HTTP on 127.0.0.1, behind the TLS proxy on
+        # <random loopback>:443. The proxy binds first, since the daemon's /etc/hosts
+        # needs the address it really got.
         self._start_ecr_registry()
+        pending.append(("ecr", time.monotonic(), self._ecr_ready))
 
         # Private dockerd in its own mount namespace.
         self._spawn_dockerd()
@@ -405,7 +416,7 @@ class Stack:
         return path
 
     def _spawn_registry(self, name: str, addr: str, *, htpasswd: Path | None = None,
-                        tls: tuple[Path, Path] | None = None) -> None:
+                        tls: tuple[Path, Path] | None = None, host_url: str | None = None) -> None:
         root = self.tmp / name
         (root / "data").mkdir(parents=True, exist_ok=True)
         lines = [
@@ -426,6 +437,7 @@ class Stack:
             "http:",
             f"  addr: {json.dumps(addr)}",
             f"  secret: {json.dumps(secrets.token_hex(16))}",
+            *([f"  host: {json.dumps(host_url)}"] if host_url else []),
             "  headers:",
             "    X-Content-Type-Options: [nosniff]",
         ]
@@ -463,24 +475,35 @@ class Stack:
         raise StackError("no free 127.X.Y.Z:443 found (is something listening on 0.0.0.0:443?)")
 
     def _start_ecr_registry(self) -> None:
+        """The ECR registry on 127.0.0.1:<port> (plain HTTP), and the TLS proxy on
+        ``ecr_ip:443`` in front of it. ``http.host`` makes the registry's Location
+        headers (blob uploads) absolute URLs on https://<ecr host>, so the daemon
+        follows them back through the proxy."""
         htpasswd = self._htpasswd("ecr", self.ecr_user, self.ecr_password)
+        port = self._port()
+        self.ecr_upstream = f"127.0.0.1:{port}"
+        self._spawn_registry("ecr", self.ecr_upstream, htpasswd=htpasswd,
+                             host_url=f"https://{self.ecr_host}")
         last: Exception | None = None
-        for _attempt in range(3):
+        for _attempt in range(5):
             self.ecr_ip = self._pick_ecr_ip()
             self._make_ecr_cert()
-            self._spawn_registry("ecr", f"{self.ecr_ip}:443", htpasswd=htpasswd,
-                                 tls=(self.ecr_ca, self.tmp / "ecr" / "ecr.key"))
             try:
-                self._wait("ecr", self._ecr_ready, time.monotonic())
-                return
-            except StackError as exc:  # lost a race for the address? try another one
+                proxy = RegistryProxy((self.ecr_ip, 443), ("127.0.0.1", port), self.ecr_ca,
+                                      self.tmp / "ecr" / "ecr.key", registry_host=self.ecr_host,
+                                      log_path=self.tmp / "logs" / "ecr-proxy.log")
+            except OSError as exc:  # lost a race for the address? try another one
                 last = exc
-                self._stop_proc(self._infra.pop("ecr"), signal.SIGKILL, 5)
-        raise last  # type: ignore[misc]
+                continue
+            self.ecr_registry = proxy.start()
+            return
+        raise StackError(f"cannot listen on a 127.X.Y.Z:443 for the ECR proxy: {last}")
 
     def _ecr_ready(self) -> bool:
-        self._registry_request("GET", self.ecr_host, "/v2/", tls=True, ip=self.ecr_ip, auth=None)
-        return True
+        # Through the proxy (TLS, ECR host name) to the registry: 401 = it answers.
+        r = self._registry_request("GET", self.ecr_host, "/v2/", tls=True, ip=self.ecr_ip,
+                                   auth=None)
+        return r.status in (200, 401)
 
     # ---------------------------------------------------------------- dockerd
 
@@ -761,7 +784,8 @@ class Stack:
 
     def log(self, name: str, current: bool = False) -> str:
         """Log text of a spawned process or a component (redis, dockerd, registry, ecr,
-        auth-registry, moto). Each (re)start begins with a ``=== stack: start`` line;
+        auth-registry, moto; ecr-proxy: one line per request through the ECR proxy).
+        Each (re)start begins with a ``=== stack: start`` line;
         with ``current=True`` only the output of the latest start is returned."""
         try:
             text = self.log_path(name).read_text(errors="replace")
@@ -852,7 +876,12 @@ class Stack:
             with contextlib.suppress(Exception):
                 self._docker_client.close()
 
-        # 3. the other components.
+        # 3. the other components (the ECR proxy first: it talks to the ECR registry).
+        if self.ecr_registry is not None:
+            try:
+                self.ecr_registry.close()
+            except Exception as exc:  # noqa: BLE001 - keep tearing down
+                errors.append(f"ECR proxy: {exc!r}")
         for name, p in list(self._infra.items()):
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -924,7 +953,7 @@ class Stack:
     def __repr__(self) -> str:
         return (f"Stack(tmp={self.tmp}, redis={self.redis_url}, docker={self.docker_host}, "
                 f"registry={self.registry}, auth_registry={self.auth_registry}, "
-                f"ecr={self.ecr_host}@{self.ecr_ip}, moto={self.moto_url})")
+                f"ecr={self.ecr_host}@{self.ecr_ip} -> {self.ecr_upstream}, moto={self.moto_url})")
 
 
 @contextlib.contextmanager
