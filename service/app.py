@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from flask import Flask, Response, json, request
+from flask import Flask, Response, g, json, request
+from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from .config import Settings
 from .errors import ImagepubError, ValidationFailed
 from .jobstore import JobStore
+from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
 from .queue import JobQueue
 
@@ -29,9 +31,11 @@ def problem(status: int, code: str, title: str, detail: str, **extra) -> Respons
 
 def _render_imagepub_error(exc: ImagepubError) -> Response:
     extra = {}
-    if isinstance(exc, ValidationFailed):
+    if getattr(exc, "errors", None):
         extra["errors"] = exc.errors
-    return problem(exc.status, exc.code, exc.title, exc.message, **extra)
+    resp = problem(exc.status, exc.code, exc.title, exc.message, **extra)
+    resp.headers.update(getattr(exc, "headers", {}))
+    return resp
 
 
 def _render_http_error(exc: HTTPException) -> Response:
@@ -39,6 +43,7 @@ def _render_http_error(exc: HTTPException) -> Response:
         404: "not_found",
         405: "method_not_allowed",
         413: "payload_too_large",
+        429: "too_many_requests",
         415: "unsupported_media_type",
         400: "bad_request",
     }
@@ -75,6 +80,32 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     from .views_ops import ops
     from .views_registries import registries
 
+    # Authentication first (an app-wide hook, so it runs before the rate limiter's), then rate
+    # limits per client, stored in Redis so they hold across gunicorn workers and replicas.
+    authenticator = Authenticator(settings)
+
+    @app.before_request
+    def _authenticate():
+        if request.blueprint != "ops":
+            authenticate_request(authenticator)
+
+    limiter = Limiter(
+        key_func=lambda: getattr(g, "client", ANONYMOUS).name,
+        app=app,
+        storage_uri=settings.redis_url,
+        storage_options={"health_check_interval": 30},
+        strategy="moving-window",
+        headers_enabled=True,
+        swallow_errors=True,  # Redis trouble must not turn every request into a 500
+        key_prefix="imagepub-rate",
+    )
+    default_rate = settings.limits.default_rate_limit
+    for blueprint in (jobs, registries):
+        limiter.limit(
+            lambda: getattr(g, "client", ANONYMOUS).rate_limit or default_rate or "",
+            exempt_when=lambda: not (getattr(g, "client", ANONYMOUS).rate_limit or default_rate),
+        )(blueprint)
+    app.extensions["imagepub"]["limiter"] = limiter
     for blueprint in (jobs, registries, ops):
         app.register_blueprint(blueprint)
     return app

@@ -1,10 +1,31 @@
-"""The ``imagepub`` command: run the API or a worker."""
+"""The ``imagepub`` command: run the API or a worker, and the pipeline client that submits jobs
+to the API and follows them to their end (progress bars on a terminal, plain lines in CI logs,
+and an exit code that says how the job ended)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from typing import Any, Callable, Iterator, TextIO
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+STATE_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+DONE_LAYER = {"pushed", "exists", "mounted", "pulled"}
+EPILOG = """\
+client commands talk to $IMAGEPUB_URL (default http://127.0.0.1:8080) with $IMAGEPUB_TOKEN.
+
+exit codes:
+  0  the job succeeded (without --wait: the request was accepted)
+  1  the job failed (its error code and message are printed)
+  2  usage error
+  3  the job was cancelled
+  4  the API refused the request (error code, detail and offending fields on stderr)
+  5  the API could not be reached or answered 5xx, or --timeout ran out while waiting
+"""
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -25,8 +46,386 @@ def _worker(args: argparse.Namespace) -> None:
     os.execv(sys.executable, argv)
 
 
+# --- references on the command line ------------------------------------------------------------
+
+
+def target_arg(value: str) -> dict[str, Any]:
+    """``REGISTRY/REPOSITORY:TAG[,TAG…]``: the registry is the first path segment, the tags
+    follow the last ``:``."""
+    registry, slash, rest = value.partition("/")
+    repository, colon, tags = rest.rpartition(":")
+    if not (registry and slash and colon and repository and tags):
+        raise argparse.ArgumentTypeError(f"{value!r} is not REGISTRY/REPOSITORY:TAG[,TAG…]")
+    return {"registry": registry, "repository": repository, "tags": [t.strip() for t in tags.split(",")]}
+
+
+def group_targets(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One target per registry and repository, tags in the order given, without repeats."""
+    grouped: dict[tuple[str, str], dict[str, Any]] = {}
+    for t in targets:
+        entry = grouped.setdefault((t["registry"], t["repository"]), {"registry": t["registry"], "repository": t["repository"], "tags": []})
+        entry["tags"] += [tag for tag in t["tags"] if tag not in entry["tags"]]
+    return list(grouped.values())
+
+
+def pull_arg(value: str) -> dict[str, Any]:
+    """``REGISTRY/REPOSITORY[:TAG|@DIGEST]``."""
+    registry, slash, rest = value.partition("/")
+    name, at, digest = rest.partition("@")
+    request: dict[str, Any] = {"registry": registry}
+    if not at and ":" in name:
+        name, _, request["tag"] = name.rpartition(":")
+    if not (registry and slash and name) or (at and not digest):
+        raise argparse.ArgumentTypeError(f"{value!r} is not REGISTRY/REPOSITORY[:TAG|@DIGEST]")
+    request["repository"] = name
+    if at:
+        request["digest"] = digest
+    return request
+
+
+def build_arg(value: str) -> tuple[str, str]:
+    """``KEY=VALUE``, or ``KEY`` alone to take the value from this environment (as docker does)."""
+    key, eq, val = value.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
+    if not eq:
+        if key not in os.environ:
+            raise argparse.ArgumentTypeError(f"--build-arg {key}: not set in the environment")
+        val = os.environ[key]
+    return key, val
+
+
+# --- what a job looks like in a log or on a terminal ------------------------------------------
+
+
+def size_text(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _when(job: dict[str, Any]) -> str:
+    """The job's own time of this snapshot, to the second."""
+    stamp = job.get("updated_at") or ""
+    return stamp[:19] + "Z" if len(stamp) >= 19 else stamp
+
+
+def summary(job: dict[str, Any]) -> str:
+    request = job.get("request") or {}
+    targets = ", ".join(f"{t['registry']}/{t['repository']}:{','.join(t['tags'])}" for t in request.get("targets") or [])
+    if job.get("kind") == "publish":
+        return f"publish {request.get('source')} → {targets}"
+    if job.get("kind") == "pull":
+        ref = request.get("digest") and "@" + request["digest"] or (":" + request["tag"] if request.get("tag") else "")
+        return f"pull {request.get('registry')}/{request.get('repository')}{ref}"
+    return f"{job.get('kind')} → {targets}"
+
+
+def state_line(job: dict[str, Any]) -> str:
+    state, head = job["state"], f"job {job['id']} {job['state']}"
+    error = job.get("error") or {}
+    if state == "running":
+        return f"{head} (attempt {job.get('attempts')})"
+    if state == "retrying":
+        last = job.get("last_error") or {}
+        nxt = f"; next attempt at {job['next_attempt_at'][:19]}Z" if job.get("next_attempt_at") else ""
+        return f"{head} after attempt {job.get('attempts')}: {last.get('code')}: {last.get('message')}{nxt}"
+    if state == "failed":
+        return f"{head}: {error.get('code')}: {error.get('message')}"
+    return head
+
+
+def layers(job: dict[str, Any]) -> Iterator[tuple[tuple[Any, str], str, dict[str, Any]]]:
+    """``(key, where, layer)`` for every layer of the job: its targets' (publish) and its
+    result's (pull); ``where`` names the target when there are several."""
+    targets = job.get("targets") or []
+    for i, target in enumerate(targets):
+        where = f"{target['registry']}/{target['repository']}" if len(targets) > 1 else ""
+        for layer in target.get("layers") or []:
+            yield (i, layer["id"]), where, layer
+    for layer in (job.get("result") or {}).get("layers") or []:
+        yield ("result", layer["id"]), "", layer
+
+
+def short_id(layer_id: str) -> str:
+    return layer_id.removeprefix("sha256:")[:12]
+
+
+def outcome_lines(job: dict[str, Any]) -> list[str]:
+    """What a succeeded job produced: every reference with its digest."""
+    if job["state"] != "succeeded":
+        return []
+    lines = []
+    for target in job.get("targets") or []:
+        if target.get("repository_created"):
+            lines.append(f"created repository {target['repository']} in {target['registry']}")
+        for ref in target.get("references") or []:
+            lines.append(f"pushed {ref} {target.get('digest')}" + (f" ({size_text(target['size'])})" if target.get("size") else ""))
+    result = job.get("result") or {}
+    if result.get("digest"):
+        lines.append(f"pulled {result.get('reference')} {result['digest']}" + (f" (image {result['image_id']})" if result.get("image_id") else ""))
+    return lines
+
+
+class PlainView:
+    """Timestamped lines: one per state change and per layer status change, never per byte."""
+
+    def __init__(self, out: TextIO, err: TextIO):
+        self.out, self.err = out, err
+        self.seen_state: tuple[str, Any] | None = None
+        self.seen_layers: dict[tuple[Any, str], str] = {}
+
+    def _print(self, job: dict[str, Any], text: str) -> None:
+        print(f"{_when(job)} {text}", file=self.out, flush=True)
+
+    def update(self, job: dict[str, Any]) -> None:
+        state = (job["state"], job.get("attempts"))
+        if state != self.seen_state:
+            self._print(job, state_line(job) + ("" if self.seen_state else f": {summary(job)}"))
+            self.seen_state = state
+        for key, where, layer in layers(job):
+            if self.seen_layers.get(key) == layer["status"]:
+                continue
+            self.seen_layers[key] = layer["status"]
+            size = layer.get("total") if layer["status"] not in DONE_LAYER else (layer.get("total") or layer.get("current"))
+            self._print(job, " ".join(filter(None, ["layer", short_id(layer["id"]), layer["status"], size_text(size), where and f"({where})"])))
+
+    def finish(self, job: dict[str, Any]) -> None:
+        self.update(job)
+        for line in outcome_lines(job):
+            self._print(job, line)
+
+    def close(self) -> None:
+        pass
+
+
+class JsonView:
+    """Nothing while it runs; the final job as one JSON document on stdout."""
+
+    def __init__(self, out: TextIO, err: TextIO):
+        self.out, self.err = out, err
+
+    def update(self, job: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, job: dict[str, Any]) -> None:
+        print(json.dumps(job, indent=2), file=self.out, flush=True)
+        if job["state"] == "failed":
+            error = job.get("error") or {}
+            print(f"error: {error.get('code')}: {error.get('message')}", file=self.err, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class RichView:
+    """A progress bar per layer on a terminal, state changes printed above the bars."""
+
+    def __init__(self, out: TextIO, err: TextIO):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.console = Console(file=out)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[size]}"),
+                                 console=self.console, transient=False)
+        self.tasks: dict[tuple[Any, str], Any] = {}
+        self.seen_state: tuple[str, Any] | None = None
+        self.progress.start()
+
+    def _print(self, text: str, style: str | None = None) -> None:
+        self.progress.console.print(text, markup=False, highlight=False, style=style)
+
+    def update(self, job: dict[str, Any]) -> None:
+        state = (job["state"], job.get("attempts"))
+        if state != self.seen_state:
+            style = {"succeeded": "green", "failed": "bold red", "cancelled": "yellow"}.get(job["state"])
+            self._print(state_line(job) + ("" if self.seen_state else f": {summary(job)}"), style)
+            self.seen_state = state
+        for key, where, layer in layers(job):
+            current, total = layer.get("current") or 0, layer.get("total") or None
+            if layer["status"] in DONE_LAYER:
+                total = total or current or 1
+                current = total
+            size = f"{size_text(current)}/{size_text(total)}" if total and total > 1 else ""
+            description = f"{where + ' ' if where else ''}{short_id(layer['id'])} {layer['status']:<11}"
+            if key not in self.tasks:
+                self.tasks[key] = self.progress.add_task(description, total=total, completed=current, size=size)
+            else:
+                self.progress.update(self.tasks[key], description=description, total=total, completed=current, size=size)
+
+    def finish(self, job: dict[str, Any]) -> None:
+        self.update(job)
+        self.close()
+        for line in outcome_lines(job):
+            self.console.print(line, markup=False, highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_view(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None):
+    out, err = out or sys.stdout, err or sys.stderr
+    if args.json:
+        return JsonView(out, err)
+    return RichView(out, err) if out.isatty() else PlainView(out, err)
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    from .client import ImagepubClient
+
+    # The client's settings: its own command line, else its environment (never the server's config).
+    url = args.url or os.environ.get("IMAGEPUB_URL") or DEFAULT_URL
+    token = args.token or os.environ.get("IMAGEPUB_TOKEN")
+    return ImagepubClient(url, token)
+
+
+def _follow(args: argparse.Namespace, client, job: dict[str, Any]) -> int:
+    """Show ``job`` and, with --wait/--follow, every change until it ends; the exit code."""
+    view = make_view(args)
+    try:
+        if not (getattr(args, "wait", False) or getattr(args, "follow", False)):
+            if args.json or job["state"] in STATE_EXIT or args.command == "job":
+                view.finish(job)
+            else:
+                view.update(job)
+            return STATE_EXIT.get(job["state"], EXIT_OK) if args.command == "job" else EXIT_OK
+        view.update(job)
+        for job in client.follow(job["id"], timeout=args.timeout):
+            view.update(job)
+        view.finish(job)
+        return STATE_EXIT.get(job["state"], EXIT_OK)
+    except KeyboardInterrupt:
+        view.close()
+        print(f"\ninterrupted: job {job['id']} goes on; follow it with: imagepub job {job['id']} --follow", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        view.close()
+
+
+def _publish(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"source": args.source, "targets": group_targets(args.to)}
+    if args.create_repository:
+        request["create_repository"] = True
+    if args.callback_url:
+        request["callback_url"] = args.callback_url
+    client = _client(args)
+    return _follow(args, client, client.publish(request, args.idempotency_key))
+
+
+def _pull(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _follow(args, client, client.pull(args.reference, args.idempotency_key))
+
+
+def build_request(args: argparse.Namespace, dockerfile: str) -> dict[str, Any]:
+    request: dict[str, Any] = {"targets": group_targets(args.to), "dockerfile": dockerfile, "build_args": dict(args.build_arg)}
+    if args.create_repository:
+        request["create_repository"] = True
+    if args.callback_url:
+        request["callback_url"] = args.callback_url
+    return request
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .client import context_archive
+
+    if not os.path.isdir(args.context):
+        print(f"error: {args.context}: not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    archive, dockerfile = context_archive(args.context, args.file)
+    with archive:
+        client = _client(args)
+        job = client.build(archive, build_request(args, dockerfile), args.idempotency_key)
+    return _follow(args, client, job)
+
+
+def _job(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _follow(args, client, client.job(args.job_id))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    jobs = _client(args).jobs(state=args.state, kind=args.kind, limit=args.limit)
+    if args.json:
+        print(json.dumps({"jobs": jobs}, indent=2))
+        return EXIT_OK
+    rows = [["ID", "KIND", "STATE", "ATTEMPTS", "CREATED", "WHAT", "ERROR"]]
+    for job in jobs:
+        error = (job.get("error") or {}).get("code") or ""
+        rows.append([job["id"], job["kind"], job["state"], str(job.get("attempts", "")), job["created_at"][:19] + "Z", summary(job), error])
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _images(args: argparse.Namespace) -> int:
+    answer = _client(args).images(args.reference)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return EXIT_OK
+    rows = [["IMAGE ID", "TAGS", "SIZE", "CREATED"]]
+    for image in answer.get("images") or []:
+        tags = image.get("tags") or image.get("repo_tags") or []
+        rows.append([short_id(image.get("id") or ""), ",".join(tags) or "<none>", size_text(image.get("size")), str(image.get("created") or "")])
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _client_command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a client command; errors that reach here become an ``error:`` line and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .client import ApiRefused, ApiUnavailable, WaitTimeout
+
+        try:
+            return func(args)
+        except ApiRefused as exc:
+            print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
+            for field in exc.errors:
+                print(f"  {field.get('field')}: {field.get('message')}", file=sys.stderr)
+            return EXIT_REFUSED
+        except WaitTimeout as exc:
+            print(f"error: timeout: {exc} (after --timeout {args.timeout:g} s)", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        except ApiUnavailable as exc:
+            print(f"error: api_unavailable: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+
+    return run
+
+
+def _add_client_parser(sub, name: str, help: str, func, waits: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="the imagepub API (default: $IMAGEPUB_URL, else %s)" % DEFAULT_URL)
+    p.add_argument("--token", help="API token, sent as Authorization: Bearer (default: $IMAGEPUB_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the job (or list) as JSON on stdout, and nothing else there")
+    if waits:
+        p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop waiting after this long (exit 5; the job goes on)")
+    p.set_defaults(func=_client_command(func))
+    return p
+
+
+def _add_submit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--idempotency-key", metavar="KEY", help="the same key and request give the original job again")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends; the exit code says how")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagepub", description="Publish container images to ECR and OCI registries.")
+    parser = argparse.ArgumentParser(prog="imagepub", description="Publish container images to ECR and OCI registries.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API under gunicorn")
     serve.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT to listen on (default %(default)s)")
@@ -36,13 +435,46 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="jobs at once (default: number of cores)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=_worker)
+
+    to_help = "REGISTRY/REPOSITORY:TAG[,TAG…] (a configured registry's name); repeat for more targets or tags"
+    publish = _add_client_parser(sub, "publish", "publish an image from the daemon to one or more targets", _publish)
+    publish.add_argument("source", metavar="SOURCE", help="an image in the daemon: name[:tag], name@digest or an image id")
+    publish.add_argument("--to", type=target_arg, action="append", required=True, metavar="TARGET", help=to_help)
+    publish.add_argument("--create-repository", action="store_true", help="create missing ECR repositories (when the registry allows it)")
+    publish.add_argument("--callback-url", metavar="URL", help="POST the finished job here")
+    _add_submit_options(publish)
+
+    pull = _add_client_parser(sub, "pull", "pull an image from a configured registry into the daemon", _pull)
+    pull.add_argument("reference", metavar="REGISTRY/REPOSITORY[:TAG|@DIGEST]", type=pull_arg)
+    _add_submit_options(pull)
+
+    build = _add_client_parser(sub, "build", "build an image from a local context and publish it", _build)
+    build.add_argument("context", metavar="CONTEXT_DIR", help="the build context (.dockerignore is honoured)")
+    build.add_argument("--to", type=target_arg, action="append", required=True, metavar="TARGET", help=to_help)
+    build.add_argument("--file", "-f", metavar="DOCKERFILE", help="the Dockerfile (default: CONTEXT_DIR/Dockerfile)")
+    build.add_argument("--build-arg", type=build_arg, action="append", default=[], metavar="KEY=VALUE", help="a build-time variable; repeat for more")
+    build.add_argument("--create-repository", action="store_true", help="create missing ECR repositories (when the registry allows it)")
+    build.add_argument("--callback-url", metavar="URL", help="POST the finished job here")
+    _add_submit_options(build)
+
+    jobs = _add_client_parser(sub, "jobs", "list jobs, newest first", _jobs, waits=False)
+    jobs.add_argument("--state", choices=["queued", "running", "retrying", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--kind", choices=["publish", "pull", "build"])
+    jobs.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (default %(default)s)")
+
+    job = _add_client_parser(sub, "job", "show one job; its exit code says how it ended", _job)
+    job.add_argument("job_id", metavar="ID")
+    job.add_argument("--follow", action="store_true", help="follow the job until it ends")
+
+    images = _add_client_parser(sub, "images", "images in the workers' Docker daemon", _images, waits=False)
+    images.add_argument("--reference", metavar="R", help="only images matching this reference")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    return args.func(args) or EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -94,6 +94,22 @@ class Limits:
     max_targets: int = 20
     max_tags_per_target: int = 20
     max_page_size: int = 200
+    max_queued_jobs: int = 10_000
+    default_rate_limit: str | None = None
+
+
+SCOPES = ("publish", "pull", "build", "read", "admin")
+
+
+@dataclass(frozen=True)
+class Client:
+    """An API caller: who it is (by the SHA-256 of its token), what it may do, where."""
+
+    name: str
+    token_sha256: str
+    scopes: frozenset[str]
+    repositories: tuple[str, ...] = ("*",)
+    rate_limit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     recovery: Recovery = field(default_factory=Recovery)
+    clients: tuple[Client, ...] = ()
+    anonymous: bool = False
     webhooks: Webhooks = field(default_factory=Webhooks)
     retention_seconds: int = 7 * 86400
     job_timeout_seconds: int = 3600
@@ -210,6 +228,32 @@ class _LimitsSchema(Schema):
     max_body_bytes = fields.Integer(load_default=Limits.max_body_bytes, validate=validate.Range(min=1024))
     max_targets = fields.Integer(load_default=Limits.max_targets, validate=validate.Range(min=1, max=100))
     max_tags_per_target = fields.Integer(load_default=Limits.max_tags_per_target, validate=validate.Range(min=1, max=100))
+    max_queued_jobs = fields.Integer(load_default=Limits.max_queued_jobs, validate=validate.Range(min=1))
+    default_rate_limit = fields.String(load_default=None)
+
+
+class _ClientSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    name = fields.String(required=True, validate=_NAME)
+    token_sha256 = fields.String(required=True, validate=validate.Regexp(r"[0-9a-f]{64}\Z", error="64 lowercase hex digits: the SHA-256 of the token"))
+    scopes = fields.List(fields.String(validate=validate.OneOf(SCOPES)), required=True, validate=validate.Length(min=1))
+    repositories = fields.List(fields.String(validate=validate.Length(min=1, max=255)), load_default=lambda: ["*"])
+    rate_limit = fields.String(load_default=None)
+
+    @pre_load
+    def no_plain_token(self, data, **_):
+        if isinstance(data, Mapping) and "token" in data:
+            raise ValidationError("tokens never go in the file: store token_sha256 (see `imagepub token new`)", "token")
+        return data
+
+
+class _AuthSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    anonymous = fields.Boolean(load_default=False)
 
 
 class _RetrySchema(Schema):
@@ -221,6 +265,7 @@ class _RetrySchema(Schema):
     backoff_max_seconds = fields.Float(load_default=RetryPolicy.backoff_max_seconds, validate=validate.Range(min=0))
 
 
+_RATE = re.compile(r"[0-9]+ ?(/|per) ?([0-9]+ )?(second|minute|hour|day)s?", re.ASCII)
 _DURATION = re.compile(r"([0-9]+)\s*([smhdw]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -270,6 +315,8 @@ class _FileSchema(Schema):
     limits = fields.Nested(_LimitsSchema, load_default=dict)
     retry = fields.Nested(_RetrySchema, load_default=dict)
     recovery = fields.Nested(_RecoverySchema, load_default=dict)
+    clients = fields.List(fields.Nested(_ClientSchema), load_default=list)
+    auth = fields.Nested(_AuthSchema, load_default=dict)
     webhooks = fields.Nested(_WebhooksSchema, load_default=dict)
     retention = fields.Nested(_RetentionSchema, load_default=dict)
     job_timeout_seconds = fields.Integer(load_default=3600, validate=validate.Range(min=10))
@@ -303,12 +350,27 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         defaults = reg.pop("repository_defaults")
         registries[name] = Registry(name=name, repository_defaults=defaults, **reg)
     limits = data["limits"]
+    clients = tuple(
+        Client(name=c["name"], token_sha256=c["token_sha256"], scopes=frozenset(c["scopes"]),
+               repositories=tuple(c["repositories"]), rate_limit=c["rate_limit"])
+        for c in data["clients"]
+    )
+    names = [c.name for c in clients]
+    if len(set(names)) != len(names):
+        raise ConfigError("invalid configuration: clients: names must be unique")
+    if len({c.token_sha256 for c in clients}) != len(clients):
+        raise ConfigError("invalid configuration: clients: two clients share one token")
+    for rate in [c.rate_limit for c in clients] + [limits.get("default_rate_limit")]:
+        if rate and not _RATE.fullmatch(rate):
+            raise ConfigError(f"invalid configuration: rate limit {rate!r}: write it like 20/second or 100/minute")
     return Settings(
         redis_url=environ.get("IMAGEPUB_REDIS_URL") or data.get("redis_url") or DEFAULT_REDIS_URL,
         registries=registries,
         limits=Limits(**limits) if not isinstance(limits, Limits) else limits,
         retry=RetryPolicy(**data["retry"]),
         recovery=Recovery(**data["recovery"]),
+        clients=clients,
+        anonymous=data["auth"].get("anonymous", False),
         webhooks=Webhooks(
             secret_env=data["webhooks"].get("secret_env"),
             allowed_hosts=tuple(data["webhooks"].get("allowed_hosts", ())),

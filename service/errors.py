@@ -50,6 +50,30 @@ class ValidationFailed(ImagepubError):
         self.errors = errors
 
 
+class Unauthorized(ImagepubError):
+    code, status, title = "unauthorized", 401, "Unauthorized"
+
+    def __init__(self, message: str, *, invalid: bool = False):
+        super().__init__(message)
+        challenge = 'Bearer realm="imagepub"'
+        if invalid:
+            challenge += ', error="invalid_token"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class Forbidden(ImagepubError):
+    code, status, title = "forbidden", 403, "Forbidden"
+
+    def __init__(self, message: str, *, errors: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.errors = errors
+
+
+class TooManyRequests(ImagepubError):
+    code, status, title = "too_many_requests", 429, "Too many requests"
+    transient = True
+
+
 class NotFound(ImagepubError):
     code, status, title = "not_found", 404, "Not found"
 

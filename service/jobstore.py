@@ -6,7 +6,8 @@ Keys (all under one prefix, so one Redis can serve several deployments):
 - ``job:{id}:events``          a stream of the record's snapshots, for live progress (SSE)
 - ``job:{id}:cancel``          set when a caller cancels a running job
 - ``jobs``, ``jobs:state:{state}``, ``jobs:kind:{kind}``, ``jobs:kind:{kind}:state:{state}``
-                               the listing indexes
+                               the listing indexes, and the same under ``jobs:client:{name}``
+                               for each client's own jobs
 - ``idem:{client}:{sha256(key)}``  an idempotency key → ``{job id} {request hash}``
 - ``delayed``                  jobs waiting for their next attempt, scored by due time
 - ``workers``                  worker heartbeats
@@ -37,19 +38,21 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_MAXLEN = 2000
 
 # KEYS: job, events, idempotency key (or a dummy). ARGV: record, new state, kind, prefix, id,
-# event type, ttl of a finished job.
+# event type, ttl of a finished job, client.
 _SAVE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
 local state = cjson.decode(current)['state']
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
-local new, kind, prefix, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local new, kind, id = ARGV[2], ARGV[3], ARGV[5]
 redis.call('SET', KEYS[1], ARGV[1])
 if state ~= new then
-  redis.call('ZREM', prefix .. 'jobs:state:' .. state, id)
-  redis.call('ZREM', prefix .. 'jobs:kind:' .. kind .. ':state:' .. state, id)
-  redis.call('ZADD', prefix .. 'jobs:state:' .. new, 0, id)
-  redis.call('ZADD', prefix .. 'jobs:kind:' .. kind .. ':state:' .. new, 0, id)
+  for _, base in ipairs({ARGV[4] .. 'jobs', ARGV[4] .. 'jobs:client:' .. ARGV[8]}) do
+    redis.call('ZREM', base .. ':state:' .. state, id)
+    redis.call('ZREM', base .. ':kind:' .. kind .. ':state:' .. state, id)
+    redis.call('ZADD', base .. ':state:' .. new, 0, id)
+    redis.call('ZADD', base .. ':kind:' .. kind .. ':state:' .. new, 0, id)
+  end
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', ARGV[6], 'job', ARGV[1])
 if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
@@ -113,19 +116,23 @@ class JobStore:
     def idempotency_key(self, client: str, key: str) -> str:
         return f"{self.prefix}idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def _indexes(self, kind: str, state: str) -> tuple[str, ...]:
-        p = self.prefix
-        return (f"{p}jobs", f"{p}jobs:state:{state}", f"{p}jobs:kind:{kind}", f"{p}jobs:kind:{kind}:state:{state}")
-
-    def _index_for(self, state: str | None, kind: str | None) -> str:
-        p = self.prefix
-        if state and kind:
-            return f"{p}jobs:kind:{kind}:state:{state}"
-        if state:
-            return f"{p}jobs:state:{state}"
+    def _index(self, *, client: str | None = None, state: str | None = None, kind: str | None = None) -> str:
+        key = f"{self.prefix}jobs" + (f":client:{client}" if client is not None else "")
         if kind:
-            return f"{p}jobs:kind:{kind}"
-        return f"{p}jobs"
+            key += f":kind:{kind}"
+        if state:
+            key += f":state:{state}"
+        return key
+
+    def _indexes(self, job: dict[str, Any], state: str | None = None) -> list[str]:
+        """Every index a job belongs to (with ``state``, when given, in place of its own)."""
+        state = state or job["state"]
+        return [
+            self._index(client=owner, state=s, kind=k)
+            for owner in (None, job.get("client") or "")
+            for s in (None, state)
+            for k in (None, job["kind"])
+        ]
 
     # --- records ---
 
@@ -134,7 +141,7 @@ class JobStore:
         record = _dumps(job)
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self._job_key(job["id"]), record)
-        for key in self._indexes(job["kind"], job["state"]):
+        for key in self._indexes(job):
             pipe.zadd(key, {job["id"]: 0})
         pipe.xadd(self._events_key(job["id"]), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.execute()
@@ -151,15 +158,17 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self._job_key(job["id"]) + ":no-idem"
         result = self._save(
             keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem],
-            args=[_dumps(job), job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds],
+            args=[_dumps(job), job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds, job.get("client") or ""],
         )
         return result == 1
 
     def list(
-        self, *, state: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None
+        self, *, client: str | None = None, state: str | None = None, kind: str | None = None, limit: int = 50,
+        cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
-        index = self._index_for(state, kind)
+        """A page of jobs (of one client, or of all), newest first, and the cursor of the next
+        page (None on the last)."""
+        index = self._index(client=client, state=state, kind=kind)
         jobs: list[dict[str, Any]] = []
         upper = f"({cursor}" if cursor else "+"
         while True:
@@ -169,8 +178,8 @@ class JobStore:
                 return jobs, None
             raws = self.redis.mget([self._job_key(i) for i in ids])
             expired = [i for i, raw in zip(ids, raws) if raw is None]
-            if expired:  # finished jobs past retention: forget them in every index
-                self._unindex(expired)
+            if expired:  # finished jobs past retention: forget them in the indexes
+                self._unindex(expired, client)
             for job_id, raw in zip(ids, raws):
                 if raw is None:
                     continue
@@ -181,30 +190,31 @@ class JobStore:
                 return jobs, None
             upper = f"({ids[-1]}"
 
-    def _unindex(self, ids: list[str]) -> None:
+    def _unindex(self, ids: list[str], client: str | None) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for key in self._all_indexes():
-            pipe.zrem(key, *ids)
-        pipe.execute()
-
-    def _all_indexes(self) -> Iterable[str]:
-        yield f"{self.prefix}jobs"
-        for state in STATES:
-            yield f"{self.prefix}jobs:state:{state}"
-        for kind in KINDS:
-            yield f"{self.prefix}jobs:kind:{kind}"
+        for owner in {None, client}:
+            pipe.zrem(self._index(client=owner), *ids)
             for state in STATES:
-                yield f"{self.prefix}jobs:kind:{kind}:state:{state}"
+                pipe.zrem(self._index(client=owner, state=state), *ids)
+            for kind in KINDS:
+                pipe.zrem(self._index(client=owner, kind=kind), *ids)
+                for state in STATES:
+                    pipe.zrem(self._index(client=owner, state=state, kind=kind), *ids)
+        pipe.execute()
 
     def delete(self, job: dict[str, Any]) -> None:
         pipe = self.redis.pipeline()
         pipe.delete(self._job_key(job["id"]), self._events_key(job["id"]))
-        for key in self._indexes(job["kind"], job["state"]):
+        for key in self._indexes(job):
             pipe.zrem(key, job["id"])
         pipe.execute()
 
     def running_ids(self) -> list[str]:
-        return self.redis.zrange(f"{self.prefix}jobs:state:running", 0, -1)
+        return self.redis.zrange(self._index(state="running"), 0, -1)
+
+    def queue_depth(self) -> int:
+        """Messages waiting on the jobs queue (kombu keeps a Redis list per queue)."""
+        return self.redis.llen("imagepub.jobs")
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -254,9 +264,10 @@ class JobStore:
                                error={"code": "cancelled", "message": "cancelled before it ran"}, next_attempt_at=None)
                     record = _dumps(job)
                     pipe.set(key, record, ex=self.retention_seconds)
-                    for index in self._indexes(job["kind"], previous)[1::2]:
+                    stale, fresh = set(self._indexes(job, previous)), set(self._indexes(job, "cancelled"))
+                    for index in stale - fresh:
                         pipe.zrem(index, job_id)
-                    for index in self._indexes(job["kind"], "cancelled")[1::2]:
+                    for index in fresh - stale:
                         pipe.zadd(index, {job_id: 0})
                     pipe.zrem(f"{self.prefix}delayed", job_id)
                     pipe.xadd(self._events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
+from .auth import current_client, is_admin, require_repositories, require_scope
 from .callbacks import CallbackRefused, check_callback_url
 from .errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from .http import ctx, json_body, load, load_query
@@ -25,11 +26,6 @@ jobs = Blueprint("jobs", __name__)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
 SSE_KEEPALIVE_MS = 15000
-
-
-def _client() -> str:
-    """The calling client's name (scopes and ownership come with API tokens)."""
-    return "anonymous"
 
 
 def _check_registries(names: list[tuple[str, str]]) -> None:
@@ -75,13 +71,23 @@ def _replay(store, bound_id: str, bound_hash: str, request_hash: str) -> Respons
     raise Conflict("a request with this Idempotency-Key is still being processed; retry", code="idempotency_in_progress")
 
 
+def _check_queue_depth(store, settings) -> None:
+    if store.queue_depth() >= settings.limits.max_queued_jobs:
+        exc = ServiceUnavailable(
+            f"{settings.limits.max_queued_jobs} jobs are already waiting; try again shortly", code="queue_full"
+        )
+        exc.headers = {"Retry-After": "30"}
+        raise exc
+
+
 def _submit(kind: str, normalized: dict[str, Any]) -> Response:
     settings, store, queue = ctx()["settings"], ctx()["store"], ctx()["queue"]
-    client, key = _client(), request.headers.get("Idempotency-Key")
+    client, key = current_client().name, request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise ValidationFailed([{"field": "Idempotency-Key", "message": "1 to 255 visible ASCII characters"}])
     job = new_job(kind, normalized)
     job["client"] = client
+    _check_queue_depth(store, settings)
     if key is not None:
         job["idempotency_key"] = key
         request_hash = hashlib.sha256(json.dumps([kind, normalized], sort_keys=True).encode()).hexdigest()
@@ -107,7 +113,9 @@ def _submit(kind: str, normalized: dict[str, Any]) -> Response:
 
 @jobs.post("/v1/publish")
 def publish():
+    client = require_scope("publish")
     data = load(PublishSchema(limits=ctx()["settings"].limits), json_body())
+    require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in enumerate(data["targets"])])
     _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
     _check_callback(data)
     return _submit("publish", data)
@@ -115,15 +123,20 @@ def publish():
 
 @jobs.post("/v1/pull")
 def pull():
+    client = require_scope("pull")
     data = load(PullSchema(), json_body())
+    require_repositories(client, [("repository", data["repository"])])
     _check_registries([("registry", data["registry"])])
     _check_callback(data)
     return _submit("pull", data)
 
 
 def _job_or_404(job_id: str) -> dict[str, Any]:
+    """The job, if it exists and the caller may see it: its owner, or an admin. Anyone else's
+    job is indistinguishable from one that does not exist."""
     job = ctx()["store"].get(job_id) if is_job_id(job_id) else None
-    if job is None:
+    client = current_client()
+    if job is None or (job.get("client") != client.name and not is_admin(client)):
         raise NotFound(f"no job {job_id}", code="job_not_found")
     return job
 
@@ -138,7 +151,9 @@ def list_jobs():
     query = load_query(JobListQuery())
     if "cursor" in query and not is_job_id(query["cursor"]):
         raise ValidationFailed([{"field": "cursor", "message": "not a cursor from a previous page"}])
+    client = current_client()
     page, next_cursor = ctx()["store"].list(
+        client=None if is_admin(client) else client.name,
         state=query.get("state"), kind=query.get("kind"), limit=query["limit"], cursor=query.get("cursor")
     )
     resp = jsonify({"jobs": page, "next_cursor": next_cursor})

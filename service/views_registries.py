@@ -10,6 +10,7 @@ from marshmallow import ValidationError
 
 from . import control, schemas
 from .errors import NotFound, ValidationFailed
+from .auth import may_use_repository, require_repositories, require_scope
 from .http import ctx, json_body, load, load_query
 
 registries = Blueprint("registries", __name__)
@@ -17,6 +18,7 @@ registries = Blueprint("registries", __name__)
 
 @registries.get("/v1/registries")
 def list_registries():
+    require_scope("read")
     configured = ctx()["settings"].registries.values()
     return jsonify({"registries": [r.public() for r in configured]})
 
@@ -44,8 +46,10 @@ def _page() -> dict[str, Any]:
 
 @registries.post("/v1/registries/<registry>/repositories")
 def create_repository(registry: str):
+    client = require_scope("publish")
     _registry(registry)
     data = load(schemas.CreateRepositorySchema(), json_body())
+    require_repositories(client, [("name", data["name"])])
     repo = ctx()["control"].call(control.CREATE_REPOSITORY, registry, data)
     resp = jsonify(repo)
     resp.status_code = 201
@@ -55,20 +59,28 @@ def create_repository(registry: str):
 
 @registries.get("/v1/registries/<registry>/repositories")
 def list_repositories(registry: str):
+    client = require_scope("read")
     _registry(registry)
     page = _page()
-    return jsonify(ctx()["control"].call(control.LIST_REPOSITORIES, registry, page["limit"], page.get("cursor")))
+    answer = ctx()["control"].call(control.LIST_REPOSITORIES, registry, page["limit"], page.get("cursor"))
+    answer["repositories"] = [r for r in answer["repositories"] if may_use_repository(client, r["name"])]
+    return jsonify(answer)
 
 
 @registries.get("/v1/registries/<registry>/repositories/<path:repository>/images")
 def list_images(registry: str, repository: str):
+    client = require_scope("read")
     _registry(registry)
     page = _page()
     name = _repository_name(repository)
+    require_repositories(client, [("repository", name)])
     return jsonify(ctx()["control"].call(control.LIST_IMAGES, registry, name, page["limit"], page.get("cursor")))
 
 
 @registries.get("/v1/registries/<registry>/repositories/<path:repository>")
 def describe_repository(registry: str, repository: str):
+    client = require_scope("read")
     _registry(registry)
-    return jsonify(ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, _repository_name(repository)))
+    name = _repository_name(repository)
+    require_repositories(client, [("repository", name)])
+    return jsonify(ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, name))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from urllib.parse import quote
 from pathlib import Path
 
 from openapi_core import Config, OpenAPI
@@ -19,8 +21,16 @@ _openapi = OpenAPI.from_file_path(
 GOOD = {"source": "python-lab:latest", "targets": [{"registry": "local", "repository": "team/app", "tags": ["latest", "1.4.2"]}]}
 
 
+_REPOSITORY_PATH = re.compile(r"(/v1/registries/[^/]+/repositories/)(.+?)(/images)?")
+
+
 def assert_conforms(method: str, path: str, status: int, headers: dict, body: bytes, mimetype: str) -> None:
     """A response (status, headers, body) is one openapi.yaml allows for its request."""
+    # A repository in a path has slashes, which OpenAPI's path templates cannot match: encode
+    # them as a caller may (the API takes both forms).
+    match = _REPOSITORY_PATH.fullmatch(path)
+    if match:
+        path = match.group(1) + quote(match.group(2), safe="") + (match.group(3) or "")
     _openapi.validate_response(
         MockRequest("http://localhost", method.lower(), path),
         MockResponse(body, status_code=status, headers=headers, content_type=mimetype),
@@ -30,10 +40,12 @@ def assert_conforms(method: str, path: str, status: int, headers: dict, body: by
 class CheckedClient:
     """A Flask test client whose every response is validated against the contract."""
 
-    def __init__(self, client):
+    def __init__(self, client, headers: dict | None = None):
         self.client = client
+        self.headers = headers or {}
 
     def open(self, *args, **kwargs):
+        kwargs["headers"] = {**self.headers, **(kwargs.get("headers") or {})}
         response = self.client.open(*args, **kwargs)
         assert_conforms(response.request.method, response.request.path, response.status_code,
                         dict(response.headers), response.get_data(), response.mimetype)

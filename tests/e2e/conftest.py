@@ -3,112 +3,13 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
-import requests
-import yaml
+import redis
 
 from ecr_api_proxy import EcrApiProxy
-from stack import free_port
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def imagepub_command() -> str:
-    """The installed console script next to this interpreter (the one the README installs)."""
-    candidate = Path(sys.executable).parent / "imagepub"
-    return str(candidate) if candidate.exists() else shutil.which("imagepub")
-
-
-class Api:
-    def __init__(self, base_url: str):
-        self.base_url = base_url
-        self.http = requests.Session()
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return self.http.get(self.base_url + path, timeout=30, **kw)
-
-    def post(self, path: str, json=None, **kw) -> requests.Response:
-        return self.http.post(self.base_url + path, json=json, timeout=30, **kw)
-
-    def submit(self, path: str, body: dict) -> dict:
-        resp = self.post(path, json=body)
-        assert resp.status_code == 202, resp.text
-        return resp.json()
-
-    def wait(self, job_id: str, timeout: float = 120, states=TERMINAL) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.get(f"/v1/jobs/{job_id}").json()
-            if job["state"] in states:
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s: {job}")
-            time.sleep(0.1)
-
-
-class Service:
-    def __init__(self, stack, config: dict, name: str, env: dict | None = None, redis_db: int = 0):
-        self.stack, self.name = stack, name
-        self.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
-        self.config_path = stack.tmp / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.port = free_port()
-        self.env = {
-            "IMAGEPUB_CONFIG": str(self.config_path),
-            "SECURE_REGISTRY_PASSWORD": stack.auth_password,
-            "WRONG_REGISTRY_PASSWORD": "not-the-password",
-            "IMAGEPUB_REDIS_URL": self.redis_url,
-            **(env or {}),
-        }
-        self.api = Api(f"http://127.0.0.1:{self.port}")
-
-    def start_api(self) -> None:
-        self.stack.spawn(f"{self.name}-api", [imagepub_command(), "serve", "--bind", f"127.0.0.1:{self.port}", "--workers", "2"], env=self.env)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.api.get("/healthz").status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("API did not start:\n" + self.stack.log(f"{self.name}-api")[-3000:])
-            time.sleep(0.2)
-
-    def start_worker(self, concurrency: int = 2, suffix: str = "worker") -> None:
-        name = f"{self.name}-{suffix}"
-        self.stack.spawn(name, [imagepub_command(), "worker", "--concurrency", str(concurrency)], env=self.env)
-        self.stack.wait_for_log(name, "ready", timeout=60)
-
-    def kill_worker(self, suffix: str = "worker") -> None:
-        """kill -9 of the whole worker (main process and pool), as when its machine dies."""
-        name = f"{self.name}-{suffix}"
-        self.stack.kill(name)
-        self.stack.proc(name).wait(10)
-
-    def stop_worker(self, suffix: str = "worker") -> None:
-        self.stack.stop(f"{self.name}-{suffix}")
-
-
-def base_config(stack) -> dict:
-    return {
-        "registries": {
-            "local": {"type": "registry", "host": stack.registry},
-            "secure": {"type": "registry", "host": stack.auth_registry, "username": stack.auth_user, "password_env": "SECURE_REGISTRY_PASSWORD"},
-            "wrong-password": {"type": "registry", "host": stack.auth_registry, "username": stack.auth_user, "password_env": "WRONG_REGISTRY_PASSWORD"},
-            "ecr": {"type": "ecr", "region": stack.ecr_region, "create_repositories": True},
-            "ecr-no-create": {"type": "ecr", "region": stack.ecr_region, "account_id": stack.ecr_account},
-        },
-        "retry": {"max_attempts": 3, "backoff_base_seconds": 0.2, "backoff_max_seconds": 1.0},
-        # a section a later version adds: must not break loading
-        "webhooks": {"secret_env": "IMAGEPUB_WEBHOOK_SECRET"},
-    }
+from service_process import Api, Service, base_config
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +22,6 @@ def ecr_api_proxy(stack):
 @pytest.fixture
 def ecr_api(ecr_api_proxy, stack):
     """The proxy in front of moto, with no faults and zeroed counters, and no cached ECR token."""
-    import redis
-
     ecr_api_proxy.reset()
     client = redis.Redis.from_url(stack.redis_url)
     for key in client.scan_iter("imagepub:ecr-token:*"):

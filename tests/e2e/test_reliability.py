@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from conftest import Service, base_config
+from service_process import Service, base_config
 from helpers import parse_sse
 
 SECRET = "whsec-test-4f1c2d"

@@ -8,7 +8,9 @@ import redis
 
 from service import config
 from service.app import create_app
+from service.auth import hash_token
 
+from clients import CLIENTS, TOKENS, bearer
 from helpers import CheckedClient
 
 
@@ -36,6 +38,9 @@ def settings(redis_url, monkeypatch):
                 "prod-ecr": {"type": "ecr", "region": "eu-west-1", "account_id": "123456789012", "create_repositories": True},
             },
             "limits": {"max_targets": 3, "max_tags_per_target": 4, "max_body_bytes": 4096},
+            "clients": [
+                {"name": name, "token_sha256": hash_token(TOKENS[name]), **rules} for name, rules in CLIENTS.items()
+            ],
         },
         {"IMAGEPUB_REDIS_URL": redis_url},
     )
@@ -48,4 +53,11 @@ def app(settings, redis_client):
 
 @pytest.fixture
 def client(app) -> CheckedClient:
-    return CheckedClient(app.test_client())
+    """An admin client: may do everything (the security tests use the others)."""
+    return CheckedClient(app.test_client(), headers=bearer("admin"))
+
+
+@pytest.fixture
+def as_client(app):
+    """``as_client("ci")``: a checked test client authenticated as that configured client."""
+    return lambda name: CheckedClient(app.test_client(), headers=bearer(name) if name else {})

@@ -105,7 +105,7 @@ def test_body_limits_and_media_type(client):
 def test_unknown_job_is_404(client):
     problem(client.get("/v1/jobs/0190f2a4-0000-7000-8000-000000000000"), 404, "job_not_found")
     problem(client.get("/v1/jobs/not-a-uuid"), 404, "job_not_found")
-    problem(client.client.get("/v1/nothing"), 404, "not_found")  # not in the spec: unchecked
+    problem(client.client.get("/v1/nothing", headers=client.headers), 404, "not_found")  # not in the spec: unchecked
 
 
 def test_list_jobs_newest_first_with_filters_and_cursor(client):

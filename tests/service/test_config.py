@@ -22,7 +22,8 @@ registries:
     role_arn: arn:aws:iam::123456789012:role/publisher
     create_repositories: true
     repository_defaults: {{image_tag_mutability: IMMUTABLE, scan_on_push: true, encryption: KMS, kms_key: alias/ecr, tags: {{team: platform}}}}
-clients: [{{name: ci, token_sha256: abc}}]
+clients: [{{name: ci, token_sha256: {"ab" * 32}, scopes: [publish, read], repositories: ["team-a/*"], rate_limit: 20/second}}]
+auth: {{anonymous: false}}
 webhooks: {{secret_env: HOOK_SECRET}}
 retention: {{finished_jobs: 7d}}
 limits: {{max_targets: 5}}

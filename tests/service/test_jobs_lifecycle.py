@@ -10,6 +10,7 @@ import pytest
 
 from service.jobstore import JobStore
 
+from clients import bearer
 from helpers import GOOD, CheckedClient, parse_sse, problem, queued_job_ids
 
 
@@ -34,7 +35,7 @@ def test_idempotency_key_same_body_gives_the_original_job(client, redis_client):
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "ünïcode"])
 def test_bad_idempotency_keys(client, key):
-    resp = client.client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")})
+    resp = client.client.post("/v1/publish", json=GOOD, headers={**client.headers, "Idempotency-Key": key.encode("utf-8").decode("latin-1")})
     body = problem(resp, 422, "validation_failed")
     assert body["errors"][0]["field"] == "Idempotency-Key"
 
@@ -84,7 +85,7 @@ def test_allowed_hosts_may_be_internal(settings, redis_client):
     from service.app import create_app
 
     allowed = replace(settings, webhooks=replace(settings.webhooks, allowed_hosts=("127.0.0.1",)))
-    client = CheckedClient(create_app(allowed).test_client())
+    client = CheckedClient(create_app(allowed).test_client(), headers=bearer("admin"))
     assert client.post("/v1/publish", json={**GOOD, "callback_url": "http://127.0.0.1:9/hook"}).status_code == 202
 
 
@@ -115,7 +116,7 @@ def test_finished_jobs_expire_after_retention(app, client, redis_client):
     done["state"] = "succeeded"
     assert short.save(done, event="state")
     assert 0 < redis_client.ttl(f"imagepub:job:{done['id']}") <= 1
-    assert 0 < redis_client.ttl(short.idempotency_key("anonymous", "k2")) <= 1
+    assert 0 < redis_client.ttl(short.idempotency_key("admin", "k2")) <= 1
     assert redis_client.ttl(f"imagepub:job:{keep['id']}") == -1  # unfinished jobs never expire
     time.sleep(1.2)
     problem(client.get(f"/v1/jobs/{done['id']}"), 404, "job_not_found")
