@@ -163,3 +163,76 @@ def test_access_denied(api, image, unique, ecr_api):
     assert job["state"] == "failed" and job["error"]["code"] == "access_denied"
     assert "not authorized" in job["error"]["message"]
     assert job["attempts"] == 1
+
+
+# --- what the emulators cannot produce, injected at the registry seam with ECR's own answers ---
+
+
+@pytest.fixture
+def ecr_registry(stack):
+    stack.ecr_registry.reset()
+    yield stack.ecr_registry
+    stack.ecr_registry.reset()
+
+
+def _manifest(stack, repository, tag):
+    return stack.registry_request("GET", stack.ecr_host, f"/v2/{repository}/manifests/{tag}", headers={"Accept": MANIFEST_V2}).data.decode()
+
+
+def test_immutable_tag_holding_the_same_image_succeeds(api, stack, moto, image, unique, ecr_registry):
+    source, image_id = image
+    repository = f"immutable/same-{unique}"
+    first = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": True,
+                                                "targets": [{"registry": "ecr", "repository": repository, "tags": ["1.0"]}]})["id"])
+    assert first["state"] == "succeeded", first
+    # ECR knows the tag (a real push registers it; here the ECR API is told with put_image)
+    put = moto.put_image(repositoryName=repository, imageManifest=_manifest(stack, repository, "1.0"), imageTag="1.0", imageManifestMediaType=MANIFEST_V2)
+    ecr_registry.immutable_tag(repository, "1.0")
+
+    again = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "ecr", "repository": repository, "tags": ["1.0"]}]})["id"])
+    assert again["state"] == "succeeded", again
+    assert again["targets"][0]["digest"] == put["image"]["imageId"]["imageDigest"]
+    assert again["attempts"] == 1
+    assert ("PUT", f"/v2/{repository}/manifests/1.0", 400) in ecr_registry.requests()  # the rejection did happen
+
+
+def test_immutable_tag_holding_another_image_fails(api, stack, moto, unique, ecr_registry):
+    repository = f"immutable/other-{unique}"
+    old, new = f"imm-old-{unique}:1", f"imm-new-{unique}:1"
+    stack.build_image(old, layers=1)
+    stack.build_image(new, layers=1)
+    first = api.wait(api.submit("/v1/publish", {"source": old, "create_repository": True,
+                                                "targets": [{"registry": "ecr", "repository": repository, "tags": ["stable"]}]})["id"])
+    assert first["state"] == "succeeded", first
+    moto.put_image(repositoryName=repository, imageManifest=_manifest(stack, repository, "stable"), imageTag="stable", imageManifestMediaType=MANIFEST_V2)
+    ecr_registry.immutable_tag(repository, "stable")
+
+    job = api.wait(api.submit("/v1/publish", {"source": new, "targets": [{"registry": "ecr", "repository": repository, "tags": ["stable"]}]})["id"])
+    assert job["state"] == "failed", job
+    assert job["error"]["code"] == "tag_immutable" and "immutable" in job["error"]["message"]
+    assert job["attempts"] == 1
+    assert stack.registry_digest(stack.ecr_host, repository, "stable") == first["targets"][0]["digest"]  # untouched
+
+
+def test_expired_token_mid_push_is_dropped_and_fetched_again(api, stack, image, unique, ecr_api, ecr_registry):
+    ecr_api.expires_in = 12 * 3600
+    source, _ = image
+    repository = f"expiring-{unique}"
+    api.post("/v1/registries/ecr/repositories", json={"name": repository})
+    ecr_registry.expired_token(times=1)
+    job = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "ecr", "repository": repository, "tags": ["v1"]}]})["id"])
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 1
+    assert ecr_api.calls["GetAuthorizationToken"] == 2  # the cached token was dropped, one fresh fetch
+    assert any(status == 403 for _, path, status in ecr_registry.requests() if repository in path)
+    assert stack.registry_digest(stack.ecr_host, repository, "v1") == job["targets"][0]["digest"]
+
+
+def test_token_refused_even_when_fresh_fails_auth(api, image, unique, ecr_api, ecr_registry):
+    source, _ = image
+    repository = f"refused-{unique}"
+    api.post("/v1/registries/ecr/repositories", json={"name": repository})
+    ecr_registry.expired_token(times=1000, path_regex=rf"^/v2/{repository}/")
+    job = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "ecr", "repository": repository, "tags": ["v1"]}]})["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "auth_failed", job
+    assert ecr_api.calls["GetAuthorizationToken"] == 2
