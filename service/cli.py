@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from .queue import CONTROL_QUEUE, JOBS_QUEUE
 
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "--quiet", "worker",
             "--queues", f"{JOBS_QUEUE},{CONTROL_QUEUE}", "--loglevel", args.loglevel, "--without-mingle", "--without-gossip"]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]

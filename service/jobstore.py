@@ -28,9 +28,12 @@ import json
 import os
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import redis
+
+from .metrics import Metrics
 
 KINDS = ("publish", "pull", "build")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -86,6 +89,12 @@ def utcnow() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
+def _epoch(timestamp: str | None) -> float | None:
+    if not timestamp:
+        return None
+    return datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
 def _dumps(job: dict[str, Any]) -> str:
     return json.dumps(job, separators=(",", ":"))
 
@@ -95,6 +104,7 @@ class JobStore:
         self.redis = client
         self.prefix = prefix
         self.retention_seconds = retention_seconds
+        self.metrics = Metrics(client)
         self._save = client.register_script(_SAVE)
 
     @classmethod
@@ -144,7 +154,19 @@ class JobStore:
         for key in self._indexes(job):
             pipe.zadd(key, {job["id"]: 0})
         pipe.xadd(self._events_key(job["id"]), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
+        self.metrics.incr("imagepub_jobs_submitted", pipe=pipe, kind=job["kind"])
         pipe.execute()
+
+    def _count_finished(self, job: dict[str, Any], pipe=None) -> None:
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own else pipe
+        code = (job.get("error") or {}).get("code", "") if job["state"] != "succeeded" else ""
+        self.metrics.incr("imagepub_jobs_finished", pipe=pipe, kind=job["kind"], state=job["state"], code=code)
+        started, finished = _epoch(job.get("created_at")), _epoch(job.get("finished_at"))
+        if started is not None and finished is not None:
+            self.metrics.observe("imagepub_job_duration_seconds", max(0.0, finished - started), pipe=pipe, kind=job["kind"], state=job["state"])
+        if own:
+            pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(self._job_key(job_id))
@@ -160,6 +182,8 @@ class JobStore:
             keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem],
             args=[_dumps(job), job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds, job.get("client") or ""],
         )
+        if result == 1 and job["state"] in TERMINAL_STATES:
+            self._count_finished(job)
         return result == 1
 
     def list(
@@ -272,6 +296,7 @@ class JobStore:
                     pipe.zrem(f"{self.prefix}delayed", job_id)
                     pipe.xadd(self._events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
                     pipe.expire(self._events_key(job_id), self.retention_seconds)
+                    self._count_finished(job, pipe)
                     pipe.execute()
                     return "cancelled", job
                 except redis.WatchError:

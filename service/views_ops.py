@@ -1,4 +1,4 @@
-"""Operations endpoints: liveness, readiness, the spec."""
+"""Operations endpoints: liveness, readiness, metrics, the spec (no token needed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from .http import ctx
+from .metrics import render
 
 ops = Blueprint("ops", __name__)
 
@@ -38,6 +41,12 @@ def readyz():
     resp = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
     resp.status_code = 200 if ready else 503
     return resp
+
+
+@ops.get("/metrics")
+def metrics():
+    store = ctx()["store"]
+    return Response(render(store.redis, store), mimetype=CONTENT_TYPE_LATEST)
 
 
 @ops.get("/openapi.yaml")

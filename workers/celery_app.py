@@ -13,13 +13,14 @@ from service.logs import configure_logging
 from service.queue import JobQueue, make_celery
 
 settings = config.load()
+configure_logging(settings.log_level)  # now, so that even Celery's start-up warnings are JSON lines
 app = make_celery(settings)
 app.conf.include = ["workers.tasks", "workers.control"]
 
 
 @signals.setup_logging.connect
-def _setup_logging(**_):
-    configure_logging(settings.log_level)
+def _keep_our_logging(**_):
+    """Connected so that Celery leaves the logging configured above alone."""
 
 
 @signals.worker_ready.connect

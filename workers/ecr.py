@@ -30,6 +30,7 @@ from botocore.session import get_session
 from service import errors
 from service.config import Registry
 from service.logs import register_secret
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -233,17 +234,20 @@ class TokenCache:
 
     def __init__(self, redis, *, refresh_margin: float = 1800, fallback_ttl: float = 900, lock_timeout: float = 30):
         self.redis = redis
+        self.metrics = Metrics(redis)
         self.refresh_margin = refresh_margin
         self.fallback_ttl = fallback_ttl
         self.lock_timeout = lock_timeout
 
-    def get(self, key: str, fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def get(self, key: str, fetch: Callable[[], dict[str, Any]], registry: str = "") -> dict[str, Any]:
         token = self._cached(key)
         if token is not None:
+            self.metrics.incr("imagepub_ecr_token_cache_hits", registry=registry)
             return token
         with self.redis.lock(f"{key}:lock", timeout=self.lock_timeout, blocking_timeout=self.lock_timeout):
             token = self._cached(key)  # another worker may have fetched it while we waited
             if token is not None:
+                self.metrics.incr("imagepub_ecr_token_cache_hits", registry=registry)
                 return token
             token = fetch()
             now = time.time()
@@ -253,7 +257,7 @@ class TokenCache:
                 usable_until = now + self.fallback_ttl
             token["usable_until"] = usable_until
             self.redis.set(key, json.dumps(token), exat=int(usable_until) + 1)
-            self.redis.incr(f"{key}:fetches")
+            self.metrics.incr("imagepub_ecr_token_fetches", registry=registry)
             return token
 
     def _cached(self, key: str) -> dict[str, Any] | None:
@@ -285,7 +289,7 @@ class EcrRegistry:
         return cls(config, Ecr.from_config(config), TokenCache(redis))
 
     def _token(self) -> dict[str, Any]:
-        return self.tokens.get(self.token_key, self.ecr.authorization)
+        return self.tokens.get(self.token_key, self.ecr.authorization, self.name)
 
     def host(self) -> str:
         return self._token()["endpoint"]

@@ -145,6 +145,7 @@ def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:
         # The last delivery died mid-run (its worker was killed): count it, and stop a job
         # that kills every worker it lands on.
         job["worker_losses"] = job.get("worker_losses", 0) + 1
+        deps.store.metrics.incr("imagepub_job_worker_losses", kind=job["kind"])
         log.warning("job was running on a worker that died", extra={"job_id": job["id"], "losses": job["worker_losses"]})
         if job["worker_losses"] >= deps.settings.recovery.max_worker_losses:
             error = errors.ImagepubError(
@@ -187,6 +188,7 @@ def _failed(progress: Progress, exc: errors.ImagepubError) -> None:
         # Scheduled before the state says so: a crash in between leaves a job the supervisor
         # finds (running, unlocked) rather than one that waits forever.
         deps.store.schedule(job["id"], due)
+        deps.store.metrics.incr("imagepub_job_retries", kind=job["kind"], code=exc.code)
         progress.transition("retrying", last_error=error, next_attempt_at=_iso(due))
         log.warning("job will retry", extra={"job_id": job["id"], "code": exc.code, "delay": round(delay, 2)})
         return

@@ -55,6 +55,16 @@ def layer_recorder(record: dict[str, Any], progress: "Progress") -> Callable[[st
     return on_layer
 
 
+def count_layers(deps: "Deps", registry: str, layers: list[dict[str, Any]], transferred: str, bytes_metric: str) -> None:
+    """Layers by outcome, and the bytes of those that crossed the network, into the metrics."""
+    pipe = deps.redis.pipeline(transaction=False)
+    for layer in layers:
+        deps.store.metrics.incr("imagepub_layers", pipe=pipe, registry=registry, outcome=layer["status"])
+        if layer["status"] == transferred and layer.get("total"):
+            deps.store.metrics.incr(bytes_metric, layer["total"], pipe=pipe, registry=registry)
+    pipe.execute()
+
+
 def _familiar(repository_ref: str) -> set[str]:
     """The names the daemon may use for ``repository_ref`` in RepoDigests."""
     names = {repository_ref}
@@ -132,4 +142,5 @@ def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
         if len(digests) != 1:
             raise errors.PushFailed(f"{repository_ref}: tags of one image got different digests {sorted(digests)}")
         record.update(state="succeeded", digest=digests.pop(), size=image.size)
+        count_layers(deps, record["registry"], record["layers"], "pushed", "imagepub_pushed_bytes")
         progress.save()

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from service import errors
 
-from .publish import layer_recorder, with_fresh_auth
+from .publish import count_layers, layer_recorder, with_fresh_auth
 
 if TYPE_CHECKING:
     from .deps import Deps
@@ -29,3 +29,4 @@ def pull(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
         raise errors.PullFailed(f"pull {repository_ref}: got {result.digest}, asked for {request['digest']}")
     separator = "@" if reference.startswith("sha256:") else ":"
     job["result"].update(reference=f"{repository_ref}{separator}{reference}", digest=result.digest, image_id=result.image_id)
+    count_layers(deps, request["registry"], job["result"]["layers"], "pulled", "imagepub_pulled_bytes")

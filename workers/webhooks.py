@@ -64,10 +64,13 @@ def deliver(job_id: str, deps: Deps, attempt: int) -> float | None:
         reason = f"HTTP {status}"
     if status is not None and 200 <= status < 300:
         log.info("webhook delivered", extra={**context, "status": status})
+        deps.store.metrics.incr("imagepub_webhook_deliveries", outcome="delivered")
         return None
     if (status is None or status in RETRYABLE_STATUS) and attempt < deps.settings.webhooks.max_attempts:
         delay = max(1.0, backoff(attempt, 2.0, 300.0))
         log.warning("webhook failed (%s); retrying", reason, extra={**context, "delay": round(delay, 1)})
+        deps.store.metrics.incr("imagepub_webhook_deliveries", outcome="retried")
         return delay
     log.warning("webhook failed (%s); giving up", reason, extra=context)
+    deps.store.metrics.incr("imagepub_webhook_deliveries", outcome="failed")
     return None

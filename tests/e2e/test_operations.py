@@ -1,0 +1,83 @@
+"""Operating it: readiness that tells the truth, metrics that move, logs that are JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(api) -> dict[tuple[str, tuple], float]:
+    resp = api.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_readyz_follows_redis_and_workers(api, stack, service):
+    ready = api.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["workers"]["live"] >= 1
+
+    stack.stop_redis()
+    try:
+        down = api.get("/readyz")
+        assert down.status_code == 503
+        assert down.json()["checks"]["redis"]["ok"] is False and down.json()["status"] == "unavailable"
+        assert api.get("/healthz").status_code == 200  # alive, just not ready
+    finally:
+        stack.start_redis()
+    deadline = time.monotonic() + 30
+    while api.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, api.get("/readyz").text
+        time.sleep(0.2)
+
+
+def test_metrics_move_with_a_publish(api, stack, unique):
+    source = f"metrics-{unique}:v1"
+    stack.build_image(source, layers=2, layer_bytes=32 * 1024)
+    before = scrape(api)
+    job = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "local", "repository": f"metrics-{unique}", "tags": ["a", "b"]}]})["id"])
+    assert job["state"] == "succeeded"
+    after = scrape(api)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("imagepub_jobs_submitted_total", kind="publish") >= 1
+    assert delta("imagepub_jobs_finished_total", kind="publish", state="succeeded", code="") >= 1
+    assert delta("imagepub_layers_total", registry="local", outcome="pushed") >= 2
+    assert delta("imagepub_pushed_bytes_total", registry="local") >= 2 * 32 * 1024
+    assert delta("imagepub_job_duration_seconds_count", kind="publish", state="succeeded") >= 1
+    assert value(after, "imagepub_workers_alive") >= 1
+    assert ("imagepub_queue_depth", ()) in after
+
+    failed = api.wait(api.submit("/v1/publish", {"source": f"missing-{unique}:x", "targets": [{"registry": "local", "repository": "x", "tags": ["t"]}]})["id"])
+    assert failed["state"] == "failed"
+    assert value(scrape(api), "imagepub_jobs_finished_total", kind="publish", state="failed", code="image_not_found") >= 1
+
+
+def test_logs_are_json_lines_with_job_ids(api, stack, service, unique):
+    source = f"logs-{unique}:v1"
+    stack.build_image(source, layers=1)
+    job = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "secure", "repository": f"logs-{unique}", "tags": ["v1"]}]})["id"])
+    assert job["state"] == "succeeded"
+    for name in ("imagepub-api", "imagepub-worker"):
+        lines = [line for line in stack.log(name).splitlines() if line.strip() and not line.startswith("=== ")]
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert records
+        if name == "imagepub-worker":
+            mine = [r for r in records if r.get("job_id") == job["id"]]
+            assert {"job started", "job succeeded"} <= {r["message"] for r in mine}
+        else:
+            assert any(r.get("job_id") == job["id"] for r in records)
+            assert any(r.get("name") == "gunicorn.access" and r.get("path") == "/v1/publish" for r in records)
+    assert stack.auth_password not in stack.log("imagepub-worker")
