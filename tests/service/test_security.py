@@ -14,7 +14,7 @@ from helpers import GOOD, SPEC, CheckedClient, problem, queued_job_ids
 from service.app import create_app
 from service.config import ConfigError, parse
 
-PUBLIC = {"/healthz", "/readyz", "/openapi.yaml"}
+PUBLIC = {"/healthz", "/readyz", "/openapi.yaml", "/metrics"}
 JOB = "0190f2a4-0000-7000-8000-000000000000"
 
 
@@ -42,7 +42,7 @@ def test_every_protected_endpoint_needs_a_valid_token(as_client, method, path, a
 
 def test_public_endpoints_need_no_token(as_client):
     client = as_client(None)
-    for path in ("/healthz", "/openapi.yaml"):
+    for path in ("/healthz", "/openapi.yaml", "/metrics"):
         assert client.get(path).status_code == 200
     assert client.get("/readyz").status_code in (200, 503)
 
