@@ -230,19 +230,25 @@ class RichView:
         from rich.progress import BarColumn, Progress, TextColumn
 
         self.console = Console(file=out)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[size]}"),
+        # Named colours: the theme's RGB ones come out grey (finished) on a 16-colour terminal.
+        bar = BarColumn(complete_style="cyan", finished_style="green", pulse_style="cyan")
+        self.progress = Progress(TextColumn("{task.description}"), bar, TextColumn("{task.fields[size]}"),
                                  console=self.console, transient=False)
         self.tasks: dict[tuple[Any, str], Any] = {}
         self.seen_state: tuple[str, Any] | None = None
         self.progress.start()
 
-    def _print(self, text: str, style: str | None = None) -> None:
-        self.progress.console.print(text, markup=False, highlight=False, style=style)
+    def _print(self, text: str, style: str = "") -> None:
+        from rich.text import Text
+
+        # A Text keeps the style to this line (a print style would tint the bars drawn with it);
+        # soft wrap keeps references whole for copying.
+        self.console.print(Text(text, style=style), highlight=False, soft_wrap=True)
 
     def update(self, job: dict[str, Any]) -> None:
         state = (job["state"], job.get("attempts"))
         if state != self.seen_state:
-            style = {"succeeded": "green", "failed": "bold red", "cancelled": "yellow"}.get(job["state"])
+            style = {"succeeded": "green", "failed": "bold red", "cancelled": "yellow"}.get(job["state"], "")
             self._print(state_line(job) + ("" if self.seen_state else f": {summary(job)}"), style)
             self.seen_state = state
         for key, where, layer in layers(job):
@@ -261,7 +267,7 @@ class RichView:
         self.update(job)
         self.close()
         for line in outcome_lines(job):
-            self.console.print(line, markup=False, highlight=False)
+            self._print(line)
 
     def close(self) -> None:
         self.progress.stop()
@@ -291,10 +297,8 @@ def _follow(args: argparse.Namespace, client, job: dict[str, Any]) -> int:
     view = make_view(args)
     try:
         if not (getattr(args, "wait", False) or getattr(args, "follow", False)):
-            if args.json or job["state"] in STATE_EXIT or args.command == "job":
-                view.finish(job)
-            else:
-                view.update(job)
+            view.finish(job)
+            # a submission answers for the request; `imagepub job ID` for the job
             return STATE_EXIT.get(job["state"], EXIT_OK) if args.command == "job" else EXIT_OK
         view.update(job)
         for job in client.follow(job["id"], timeout=args.timeout):
