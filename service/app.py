@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+
+import yaml
 from importlib import resources
 
 from flask import Flask, Response, g, json, request
@@ -59,6 +61,31 @@ def _render_unexpected(exc: Exception) -> Response:
     return problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged")
 
 
+def deployment_spec(settings: Settings) -> bytes:
+    """openapi.yaml as this deployment serves it: registry names are the configured ones, so
+    a client (or a fuzzer) reading the contract knows exactly which registries exist, and the
+    limits are this deployment's."""
+    text = resources.files("service").joinpath("openapi.yaml").read_text()
+    if not settings.registries:
+        return text.encode()
+    spec = yaml.safe_load(text)
+    schemas = spec["components"]["schemas"]
+    schemas["PublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
+    schemas["TargetRequest"]["properties"]["tags"]["maxItems"] = settings.limits.max_tags_per_target
+    schemas["RegistryName"]["enum"] = sorted(settings.registries)
+    ecr = sorted(name for name, registry in settings.registries.items() if registry.type == "ecr")
+    if ecr:
+        schemas["EcrRegistryName"]["enum"] = ecr
+        # a repository in an ECR registry follows ECR's stricter grammar
+        ecr_rule = {
+            "if": {"properties": {"registry": {"enum": ecr}}, "required": ["registry"]},
+            "then": {"properties": {"repository": {"$ref": "#/components/schemas/EcrRepositoryName"}}},
+        }
+        for name in ("TargetRequest", "PullRequest"):
+            schemas[name].setdefault("allOf", []).append(ecr_rule)
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode()
+
+
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, queue: JobQueue | None = None) -> Flask:
     settings = settings or config_module.load()
     queue = queue or JobQueue.from_config(settings)
@@ -70,7 +97,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         "store": store or JobStore.from_config(settings),
         "queue": queue,
         "control": RegistryControl(queue.celery),
-        "spec": resources.files("service").joinpath("openapi.yaml").read_bytes(),
+        "spec": deployment_spec(settings),
     }
     app.register_error_handler(ImagepubError, _render_imagepub_error)
     app.register_error_handler(HTTPException, _render_http_error)

@@ -25,8 +25,9 @@ def _internal(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-def check_callback_url(url: str, allowed_hosts: tuple[str, ...] | list[str]) -> None:
-    """Raise :class:`CallbackRefused` when ``url`` may not receive webhooks."""
+def check_callback_url(url: str, allowed_hosts: tuple[str, ...] | list[str], *, must_resolve: bool = False) -> None:
+    """Raise :class:`CallbackRefused` when ``url`` may not receive webhooks (with
+    ``must_resolve``, also when its host does not resolve)."""
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise CallbackRefused("must be an http or https URL with a host")
@@ -37,8 +38,12 @@ def check_callback_url(url: str, allowed_hosts: tuple[str, ...] | list[str]) -> 
         return
     try:
         infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        raise CallbackRefused(f"host {host!r} does not resolve") from None
+    except (socket.gaierror, UnicodeError, ValueError):
+        # Not resolvable now (DNS trouble, a name that appears later): nothing internal to
+        # refuse yet. Delivery checks again, and fails if it still does not resolve.
+        if must_resolve:
+            raise CallbackRefused(f"host {host!r} does not resolve") from None
+        return
     for *_, sockaddr in infos:
         if _internal(sockaddr[0]):
             raise CallbackRefused(

@@ -8,6 +8,9 @@ threads = 4
 timeout = 30
 graceful_timeout = 30
 keepalive = 5
+# Long enough for any cursor the API accepts, so an over-long one gets a problem+json 422 from
+# the app rather than a bare 414 from gunicorn.
+limit_request_line = 8190
 # Logs go to stderr as JSON lines: the access log included.
 accesslog = "-"
 errorlog = "-"

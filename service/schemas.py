@@ -28,6 +28,8 @@ SOURCE_RE = re.compile(
     r"|(?:sha256:)?[a-f0-9]{12,64}",
     re.ASCII,
 )
+# Amazon ECR's own rule for repository names: stricter than Docker's.
+ECR_REPOSITORY_RE = re.compile(r"(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)*[a-z0-9]+(?:[._-][a-z0-9]+)*", re.ASCII)
 MAX_REPOSITORY = 255
 MAX_SOURCE = 512
 
@@ -44,6 +46,23 @@ def _repository(value: str) -> None:
     if len(value) > MAX_REPOSITORY:
         raise ValidationError(f"longer than {MAX_REPOSITORY} characters")
     _matches(REPOSITORY_RE, "repository name: lowercase path components separated by '/'")(value)
+
+
+def ecr_repository(value: str) -> None:
+    if not 2 <= len(value) <= 256 or not ECR_REPOSITORY_RE.fullmatch(value):
+        raise ValidationError(
+            "not a valid ECR repository name: 2 to 256 characters, lowercase alphanumerics with single "
+            "'.', '_' or '-' between them, and '/' between path components"
+        )
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only (marshmallow's Boolean also takes 1, "yes", "on"…)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
 
 
 Repository = lambda **kw: fields.String(required=True, validate=_repository, **kw)  # noqa: E731
@@ -72,7 +91,7 @@ class PublishSchema(_Strict):
         required=True, validate=[validate.Length(max=MAX_SOURCE), _matches(SOURCE_RE, "image reference or id")]
     )
     targets = fields.List(fields.Nested(TargetSchema), required=True, validate=validate.Length(min=1))
-    create_repository = fields.Boolean(load_default=False)
+    create_repository = StrictBoolean(load_default=False)
     callback_url = fields.Url(load_default=None, allow_none=True, schemes={"http", "https"}, validate=validate.Length(max=2048))
 
     def __init__(self, limits: Limits = Limits(), **kwargs):
@@ -147,14 +166,14 @@ def field_errors(messages, prefix: str = "") -> list[dict[str, str]]:
 
 
 class CreateRepositorySchema(_Strict):
-    name = Repository()
+    name = fields.String(required=True, validate=ecr_repository)
     image_tag_mutability = fields.String(validate=validate.OneOf(["MUTABLE", "IMMUTABLE"]))
-    scan_on_push = fields.Boolean()
+    scan_on_push = StrictBoolean()
     encryption = fields.String(validate=validate.OneOf(["AES256", "KMS"]))
     kms_key = fields.String(validate=validate.Length(min=1, max=2048))
     tags = fields.Dict(
-        keys=fields.String(validate=validate.Length(min=1, max=128)),
-        values=fields.String(validate=validate.Length(max=256)),
+        keys=fields.String(validate=_matches(re.compile(r"[A-Za-z0-9 _.:/=+@-]{1,128}", re.ASCII), "tag key")),
+        values=fields.String(validate=_matches(re.compile(r"[A-Za-z0-9 _.:/=+@-]{0,256}", re.ASCII), "tag value")),
         validate=validate.Length(max=50),
     )
 
@@ -166,4 +185,4 @@ class CreateRepositorySchema(_Strict):
 
 class PageQuery(_Strict):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    cursor = fields.String(validate=validate.Length(min=1, max=4096))
+    cursor = fields.String(validate=_matches(re.compile(r"[A-Za-z0-9+/=_.~-]{1,2048}", re.ASCII), "cursor from a previous page"))

@@ -11,6 +11,7 @@ import time
 from typing import Any, Iterator
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from marshmallow import ValidationError
 
 from .auth import current_client, is_admin, require_repositories, require_scope
 from .callbacks import CallbackRefused, check_callback_url
@@ -18,13 +19,13 @@ from .errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from .http import ctx, json_body, load, load_query
 from .jobs import new_job
 from .jobstore import TERMINAL_STATES, is_job_id
-from .schemas import JobListQuery, PublishSchema, PullSchema
+from .schemas import JobListQuery, PublishSchema, PullSchema, ecr_repository
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
+EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?", re.ASCII)
 SSE_KEEPALIVE_MS = 15000
 
 
@@ -37,6 +38,20 @@ def _check_registries(names: list[tuple[str, str]]) -> None:
     ]
     if errors:
         raise ValidationFailed(errors, "unknown registry: " + ", ".join(e["field"] for e in errors), code="registry_not_configured")
+
+
+def _check_ecr_names(names: list[tuple[str, str, str]]) -> None:
+    """ECR's repository grammar is stricter than Docker's: refuse at the door what ECR would."""
+    registries = ctx()["settings"].registries
+    errors = []
+    for field, registry, repository in names:
+        if registries[registry].type == "ecr":
+            try:
+                ecr_repository(repository)
+            except ValidationError as exc:
+                errors.append({"field": field, "message": "; ".join(exc.messages)})
+    if errors:
+        raise ValidationFailed(errors)
 
 
 def _check_callback(data: dict[str, Any]) -> None:
@@ -117,6 +132,7 @@ def publish():
     data = load(PublishSchema(limits=ctx()["settings"].limits), json_body())
     require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in enumerate(data["targets"])])
     _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
+    _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])])
     _check_callback(data)
     return _submit("publish", data)
 
@@ -127,6 +143,7 @@ def pull():
     data = load(PullSchema(), json_body())
     require_repositories(client, [("repository", data["repository"])])
     _check_registries([("registry", data["registry"])])
+    _check_ecr_names([("repository", data["registry"], data["repository"])])
     _check_callback(data)
     return _submit("pull", data)
 
@@ -190,7 +207,7 @@ def job_events(job_id: str):
     """Server-Sent Events: the job's snapshots as they are written, closing after the end."""
     job = _job_or_404(job_id)
     store = ctx()["store"]
-    last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    last = request.headers.get("Last-Event-ID")
     if last is not None and not EVENT_ID.fullmatch(last):
         raise ValidationFailed([{"field": "Last-Event-ID", "message": "not an event id from this stream"}])
 

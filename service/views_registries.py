@@ -34,7 +34,7 @@ def _registry(name: str):
 
 def _repository_name(value: str) -> str:
     try:
-        schemas._repository(value)
+        schemas.ecr_repository(value)
     except ValidationError as exc:
         raise ValidationFailed([{"field": "repository", "message": "; ".join(exc.messages)}]) from None
     return value

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+
+import yaml
 from urllib.parse import quote
 from pathlib import Path
 
@@ -15,10 +17,19 @@ SPEC = Path(__file__).resolve().parents[1] / "openapi.yaml"
 _openapi = OpenAPI.from_file_path(
     str(SPEC),
     config=Config(extra_media_type_deserializers={
-        "application/problem+json": json.loads, "application/yaml": bytes.decode, "text/event-stream": bytes.decode,
+        "application/problem+json": json.loads, "application/yaml": yaml.safe_load, "text/event-stream": lambda body: _first_event(body.decode()),
     }),
 )
 GOOD = {"source": "python-lab:latest", "targets": [{"registry": "local", "repository": "team/app", "tags": ["latest", "1.4.2"]}]}
+
+
+def _first_event(text: str) -> dict:
+    """An SSE body as the contract describes it: one event, its fields as strings."""
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "data" in fields:
+            return fields
+    return {}
 
 
 _REPOSITORY_PATH = re.compile(r"(/v1/registries/[^/]+/repositories/)(.+?)(/images)?")

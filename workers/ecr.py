@@ -68,6 +68,9 @@ def translate(exc: Exception, what: str) -> errors.ImagepubError:
         return errors.Timeout(f"{what}: ECR did not answer in time")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError)):
         return errors.RegistryUnavailable(f"{what}: cannot reach the ECR API")
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        # ECR's own rules are stricter than Docker's (names of 2+ characters, for one)
+        return errors.JobFailed(f"{what}: ECR does not accept it: {exc.kwargs.get('report', exc)}", code="invalid_for_ecr").with_status(422)
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return errors.RegistryUnavailable(f"{what}: {exc.__class__.__name__}")
     raise exc

@@ -40,7 +40,7 @@ def deliver(job_id: str, deps: Deps, attempt: int) -> float | None:
     url = job["request"]["callback_url"]
     context = {"job_id": job_id, "attempt": attempt}
     try:
-        check_callback_url(url, deps.settings.webhooks.allowed_hosts)
+        check_callback_url(url, deps.settings.webhooks.allowed_hosts, must_resolve=True)
     except CallbackRefused as exc:
         log.warning("webhook refused: %s", exc, extra=context)
         return None
