@@ -150,6 +150,7 @@ class Settings:
     job_timeout_seconds: int = 3600
     log_level: str = "INFO"
     docker_host: str | None = None
+    worker_alive_file: str | None = "/tmp/imagepub-worker.alive"
 
     def webhook_secret(self) -> str | None:
         """The webhook signing secret, read now from the variable ``webhooks.secret_env`` names."""
@@ -380,6 +381,7 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         job_timeout_seconds=data["job_timeout_seconds"],
         log_level=environ.get("IMAGEPUB_LOG_LEVEL") or data["log_level"],
         docker_host=environ.get("DOCKER_HOST"),
+        worker_alive_file=environ.get("IMAGEPUB_WORKER_ALIVE_FILE", "/tmp/imagepub-worker.alive") or None,
     )
 
 

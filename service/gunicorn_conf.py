@@ -11,6 +11,8 @@ keepalive = 5
 # Long enough for any cursor the API accepts, so an over-long one gets a problem+json 422 from
 # the app rather than a bare 414 from gunicorn.
 limit_request_line = 8190
+# gunicorn's control socket defaults to $HOME, which is read-only in the image: keep it in /tmp.
+control_socket = "/tmp/imagepub-gunicorn.ctl"
 # Logs go to stderr as JSON lines: the access log included.
 accesslog = "-"
 errorlog = "-"

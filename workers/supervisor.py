@@ -1,6 +1,7 @@
 """The worker's supervisor: a thread in each worker's main process that
 
-- sends a heartbeat (``/readyz`` wants a recent one),
+- sends a heartbeat (``/readyz`` wants a recent one) and touches ``worker_alive_file``
+  (a liveness probe checks its age),
 - enqueues jobs whose retry is due (retries wait in a Redis sorted set, not in a worker's
   memory as Celery ETA tasks would, so a worker that dies takes no waiting retry with it),
 - finds jobs whose worker died — ``running`` but with no live job lock — and enqueues them
@@ -13,6 +14,7 @@ Every worker runs one; a short Redis lock lets one at a time do the sweeping.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -35,6 +37,7 @@ class Supervisor:
 
     def start(self) -> None:
         self.store.heartbeat(self.name)
+        self._touch_alive_file()
         self._thread.start()
 
     def stop(self) -> None:
@@ -47,6 +50,7 @@ class Supervisor:
             try:
                 if now - last_beat >= HEARTBEAT_SECONDS:
                     self.store.heartbeat(self.name)
+                    self._touch_alive_file()
                     last_beat = now
                 self.enqueue_due()
                 if now - last_scan >= self.settings.recovery.scan_interval_seconds:
@@ -56,6 +60,16 @@ class Supervisor:
                 log.warning("supervisor: Redis error %s", exc.__class__.__name__)
             except Exception:
                 log.exception("supervisor loop failed; continuing")
+
+    def _touch_alive_file(self) -> None:
+        """For a liveness probe: the file's age says when this worker last reached Redis."""
+        path = self.settings.worker_alive_file
+        if path:
+            try:
+                with open(path, "a"):
+                    os.utime(path)
+            except OSError as exc:
+                log.warning("cannot touch %s: %s", path, exc.strerror)
 
     def _sweep_lock(self, what: str, ttl: float) -> bool:
         return bool(self.store.redis.set(f"imagepub:supervisor:{what}", self.name, nx=True, px=int(ttl * 1000)))
