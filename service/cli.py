@@ -5,6 +5,7 @@ and an exit code that says how the job ended)."""
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import os
 import sys
@@ -427,6 +428,29 @@ def _add_submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="follow the job until it ends; the exit code says how")
 
 
+def _token_new(args: argparse.Namespace) -> int:
+    """The token is shown once, here; the server keeps only its SHA-256."""
+    import yaml
+
+    from .auth import hash_token, new_token
+    from .config import SCOPES
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", args.name):
+        print(f"error: {'unknown scopes ' + ', '.join(unknown) if unknown else 'invalid client name'}", file=sys.stderr)
+        return EXIT_USAGE
+    token = new_token()
+    entry = {"name": args.name, "token_sha256": hash_token(token), "scopes": scopes,
+             "repositories": [p.strip() for p in args.repositories.split(",") if p.strip()]}
+    if args.rate_limit:
+        entry["rate_limit"] = args.rate_limit
+    print(f"token (give it to the client; it is not stored anywhere):\n  {token}\n")
+    print("add to the `clients:` list of the configuration:")
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagepub", description="Publish container images to ECR and OCI registries.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -439,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="jobs at once (default: number of cores)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=_worker)
+
+    token = sub.add_parser("token", help="API tokens for the clients section of the configuration")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    new = token_sub.add_parser("new", help="print a fresh token and the configuration entry holding its hash")
+    new.add_argument("name", help="the client's name (lowercase letters, digits, '-', '_')")
+    new.add_argument("--scopes", default="publish,pull,read", help="comma-separated: publish, pull, build, read, admin (default %(default)s)")
+    new.add_argument("--repositories", default="*", help="comma-separated glob patterns, e.g. 'team-a/*' (default: all)")
+    new.add_argument("--rate-limit", help="e.g. 20/second")
+    new.set_defaults(func=_token_new)
 
     to_help = "REGISTRY/REPOSITORY:TAG[,TAG…] (a configured registry's name); repeat for more targets or tags"
     publish = _add_client_parser(sub, "publish", "publish an image from the daemon to one or more targets", _publish)

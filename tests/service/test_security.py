@@ -4,6 +4,8 @@ Each rule is attacked through the HTTP API."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -136,3 +138,15 @@ def test_tokens_never_echoed(as_client):
     resp = as_client("ci").post("/v1/publish", json=GOOD)
     assert TOKENS["ci"] not in resp.get_data(as_text=True)
     assert not re.search(r"imp_test-\w+-token", as_client("admin").get("/v1/jobs").get_data(as_text=True))
+
+
+def test_token_new_prints_a_token_and_an_entry_that_accepts_it(redis_url):
+    out = subprocess.run([sys.executable, "-m", "service.cli", "token", "new", "ci-team-a", "--scopes", "publish,read",
+                          "--repositories", "team-a/*"], capture_output=True, text=True, check=True).stdout
+    token = re.search(r"^  (imp_\S+)$", out, re.M).group(1)
+    entry = yaml.safe_load(out.split("configuration:\n", 1)[1])
+    assert token not in yaml.safe_dump(entry)
+    settings = parse({"clients": entry}, {"IMAGEPUB_REDIS_URL": redis_url})
+    client = CheckedClient(create_app(settings).test_client(), headers={"Authorization": f"Bearer {token}"})
+    assert client.post("/v1/publish", json={**GOOD, "targets": [{"registry": "x", "repository": "team-a/app", "tags": ["1"]}]}).status_code == 422  # authenticated; x is unknown
+    problem(client.post("/v1/pull", json={"registry": "x", "repository": "team-a/app"}), 403, "forbidden")
