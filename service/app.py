@@ -71,6 +71,7 @@ def deployment_spec(settings: Settings) -> bytes:
     spec = yaml.safe_load(text)
     schemas = spec["components"]["schemas"]
     schemas["PublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
+    schemas["BuildRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["TargetRequest"]["properties"]["tags"]["maxItems"] = settings.limits.max_tags_per_target
     schemas["RegistryName"]["enum"] = sorted(settings.registries)
     ecr = sorted(name for name, registry in settings.registries.items() if registry.type == "ecr")

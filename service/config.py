@@ -96,6 +96,7 @@ class Limits:
     max_page_size: int = 200
     max_queued_jobs: int = 10_000
     default_rate_limit: str | None = None
+    max_context_bytes: int = 50 * 1024 * 1024
 
 
 SCOPES = ("publish", "pull", "build", "read", "admin")
@@ -231,6 +232,7 @@ class _LimitsSchema(Schema):
     max_tags_per_target = fields.Integer(load_default=Limits.max_tags_per_target, validate=validate.Range(min=1, max=100))
     max_queued_jobs = fields.Integer(load_default=Limits.max_queued_jobs, validate=validate.Range(min=1))
     default_rate_limit = fields.String(load_default=None)
+    max_context_bytes = fields.Integer(load_default=Limits.max_context_bytes, validate=validate.Range(min=1024, max=512 * 1024 * 1024))
 
 
 class _ClientSchema(Schema):

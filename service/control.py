@@ -20,6 +20,7 @@ CREATE_REPOSITORY = "imagepub.control.create_repository"
 DESCRIBE_REPOSITORY = "imagepub.control.describe_repository"
 LIST_REPOSITORIES = "imagepub.control.list_repositories"
 LIST_IMAGES = "imagepub.control.list_images"
+LIST_DAEMON_IMAGES = "imagepub.control.list_daemon_images"
 
 
 def raise_from_answer(answer: dict[str, Any]) -> Any:

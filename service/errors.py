@@ -140,6 +140,10 @@ class PullFailed(JobFailed):
     code, status, title = "pull_failed", 502, "Pull failed"
 
 
+class BuildFailed(JobFailed):
+    code, status, title = "build_failed", 422, "Build failed"
+
+
 class ManifestNotFound(JobFailed):
     code, status, title = "manifest_not_found", 404, "Manifest not found"
 

@@ -28,7 +28,7 @@ def new_job(kind: str, request: dict[str, Any]) -> dict[str, Any]:
         "error": None,
         "last_error": None,
     }
-    if kind == "publish":
+    if kind in ("publish", "build"):
         job["targets"] = [
             {
                 "registry": t["registry"],
@@ -45,4 +45,6 @@ def new_job(kind: str, request: dict[str, Any]) -> dict[str, Any]:
         ]
     else:
         job["result"] = None
+    if kind == "build":
+        job["build"] = {"image_id": None, "log": [], "log_truncated": False}
     return job

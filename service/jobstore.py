@@ -105,6 +105,7 @@ class JobStore:
         self.prefix = prefix
         self.retention_seconds = retention_seconds
         self.metrics = Metrics(client)
+        self._binary_client: redis.Redis | None = None
         self._save = client.register_script(_SAVE)
 
     @classmethod
@@ -235,6 +236,29 @@ class JobStore:
 
     def running_ids(self) -> list[str]:
         return self.redis.zrange(self._index(state="running"), 0, -1)
+
+    # --- build contexts, from the API to whichever worker runs the build ---
+
+    def _context_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:context"
+
+    def put_context(self, job_id: str, data: bytes) -> None:
+        # bytes through a client that decodes replies: written here, read back raw by workers
+        self.redis.set(self._context_key(job_id), data, ex=self.retention_seconds)
+
+    def get_context(self, job_id: str) -> bytes | None:
+        return self._binary().get(self._context_key(job_id))
+
+    def _binary(self) -> redis.Redis:
+        """A client on the same server that returns bytes (the main one decodes to str)."""
+        if self._binary_client is None:
+            kwargs = {**self.redis.connection_pool.connection_kwargs, "decode_responses": False}
+            self._binary_client = redis.Redis(connection_pool=redis.ConnectionPool(
+                connection_class=self.redis.connection_pool.connection_class, **kwargs))
+        return self._binary_client
+
+    def drop_context(self, job_id: str) -> None:
+        self.redis.delete(self._context_key(job_id))
 
     def queue_depth(self) -> int:
         """Messages waiting on the jobs queue (kombu keeps a Redis list per queue)."""

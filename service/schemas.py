@@ -122,6 +122,24 @@ class PublishSchema(_Strict):
         return data
 
 
+class BuildSchema(PublishSchema):
+    """The JSON ``request`` part of a build: a publish whose source is the image it builds."""
+
+    source = fields.Raw(load_default=None, validate=validate.Equal(None, error="a build publishes the image it builds; no source"))
+    dockerfile = fields.String(load_default="Dockerfile", validate=validate.Length(min=1, max=1024))
+    build_args = fields.Dict(
+        keys=fields.String(validate=_matches(re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII), "build argument name")),
+        values=fields.String(validate=validate.Length(max=4096)),
+        load_default=dict,
+        validate=validate.Length(max=64),
+    )
+
+    @post_load
+    def drop_source(self, data, **_):
+        data.pop("source", None)
+        return data
+
+
 class PullSchema(_Strict):
     registry = RegistryName()
     repository = Repository()
@@ -186,3 +204,7 @@ class CreateRepositorySchema(_Strict):
 class PageQuery(_Strict):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
     cursor = fields.String(validate=_matches(re.compile(r"[A-Za-z0-9+/=_.~-]{1,2048}", re.ASCII), "cursor from a previous page"))
+
+
+class DaemonImagesQuery(_Strict):
+    reference = fields.String(validate=[validate.Length(min=1, max=MAX_SOURCE), _matches(re.compile(r"[A-Za-z0-9_./:@*?-]+", re.ASCII), "reference filter")])

@@ -15,11 +15,12 @@ from marshmallow import ValidationError
 
 from .auth import current_client, is_admin, require_repositories, require_scope
 from .callbacks import CallbackRefused, check_callback_url
-from .errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from .build_context import ContextRefused, check_context
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from .http import ctx, json_body, load, load_query
 from .jobs import new_job
 from .jobstore import TERMINAL_STATES, is_job_id
-from .schemas import JobListQuery, PublishSchema, PullSchema, ecr_repository
+from .schemas import BuildSchema, JobListQuery, PublishSchema, PullSchema, ecr_repository
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
@@ -95,11 +96,14 @@ def _check_queue_depth(store, settings) -> None:
         raise exc
 
 
-def _submit(kind: str, normalized: dict[str, Any]) -> Response:
+def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None) -> Response:
     settings, store, queue = ctx()["settings"], ctx()["store"], ctx()["queue"]
     client, key = current_client().name, request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise ValidationFailed([{"field": "Idempotency-Key", "message": "1 to 255 visible ASCII characters"}])
+    if context is not None:
+        # the request names its context by digest: the same key with other sources → conflict
+        normalized = {**normalized, "context_sha256": hashlib.sha256(context).hexdigest(), "context_bytes": len(context)}
     job = new_job(kind, normalized)
     job["client"] = client
     _check_queue_depth(store, settings)
@@ -111,12 +115,15 @@ def _submit(kind: str, normalized: dict[str, Any]) -> Response:
         if bound is not None:
             return _replay(store, *bound, request_hash)
     try:
+        if context is not None:
+            store.put_context(job["id"], context)
         store.create(job)
         queue.enqueue(job["id"])
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
             store.delete(job)
+            store.drop_context(job["id"])
             if key is not None:
                 store.release_idempotency_key(client, key)
         except Exception:
@@ -146,6 +153,38 @@ def pull():
     _check_ecr_names([("repository", data["registry"], data["repository"])])
     _check_callback(data)
     return _submit("pull", data)
+
+
+@jobs.post("/v1/build")
+def build():
+    """A build context (tar or tar.gz) and a JSON request, as multipart/form-data."""
+    client = require_scope("build")
+    settings = ctx()["settings"]
+    # This endpoint alone takes large bodies: the context is checked, not the JSON limit.
+    request.max_content_length = settings.limits.max_context_bytes + settings.limits.max_body_bytes
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with a `request` (JSON) and a `context` (tar or tar.gz) part")
+    form_request, context = request.form.get("request"), request.files.get("context")
+    missing = [name for name, part in (("request", form_request), ("context", context)) if part is None]
+    if missing:
+        raise ValidationFailed([{"field": name, "message": "missing part"} for name in missing])
+    try:
+        body = json.loads(form_request)
+    except ValueError:
+        raise BadRequest("the `request` part is not valid JSON", code="invalid_json") from None
+    data = load(BuildSchema(limits=settings.limits), body)
+    require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in enumerate(data["targets"])])
+    _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
+    _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])])
+    _check_callback(data)
+    archive = context.read()
+    if len(archive) > settings.limits.max_context_bytes:
+        raise PayloadTooLarge(f"the build context is larger than {settings.limits.max_context_bytes} bytes", code="context_too_large")
+    try:
+        check_context(archive, data["dockerfile"], max_unpacked_bytes=4 * settings.limits.max_context_bytes)
+    except ContextRefused as exc:
+        raise ValidationFailed([{"field": "context", "message": str(exc)}], code="invalid_context") from None
+    return _submit("build", data, context=archive)
 
 
 def _job_or_404(job_id: str) -> dict[str, Any]:
@@ -190,6 +229,8 @@ def cancel_job(job_id: str):
         raise Conflict(f"job {job_id} already ended {job['state']}", code="job_finished")
     log.info("job cancel %s", outcome, extra={"job_id": job_id})
     if outcome == "cancelled":
+        if job["kind"] == "build":
+            ctx()["store"].drop_context(job_id)
         if job["request"].get("callback_url"):
             ctx()["queue"].send_webhook(job_id)
         return jsonify(job)

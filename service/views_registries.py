@@ -84,3 +84,11 @@ def describe_repository(registry: str, repository: str):
     name = _repository_name(repository)
     require_repositories(client, [("repository", name)])
     return jsonify(ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, name))
+
+
+@registries.get("/v1/images")
+def list_daemon_images():
+    """``docker image ls`` of a worker's daemon (answered by whichever worker takes the call)."""
+    require_scope("read")
+    query = load_query(schemas.DaemonImagesQuery())
+    return jsonify(ctx()["control"].call(control.LIST_DAEMON_IMAGES, query.get("reference")))

@@ -9,8 +9,10 @@ sent rather than none, so docker-py never falls back to a config.json it happens
 
 from __future__ import annotations
 
+import io
 import logging
 import re
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -192,6 +194,54 @@ class DockerEngine:
         if digest is None:
             digest = next((d.split("@", 1)[1] for d in info.repo_digests if d.startswith(repository + "@")), None)
         return PullResult(digest=digest, image_id=info.id, layers=layers)
+
+    def build(self, context: bytes, *, compressed: bool, dockerfile: str, build_args: dict[str, str],
+              labels: dict[str, str], tag: str, on_line: Callable[[str], None]) -> str:
+        """Build from a context archive; every output line goes to ``on_line``. Returns the
+        image id, or raises :class:`~service.errors.BuildFailed` naming the failing step."""
+        stream = self._call(
+            "build", self.api.build, fileobj=io.BytesIO(context), custom_context=True,
+            encoding="gzip" if compressed else None, dockerfile=dockerfile, buildargs=build_args or None,
+            labels=labels, tag=tag, rm=True, forcerm=True, pull=False, decode=True,
+        )
+        image_id, step = None, None
+        try:
+            for line in stream:
+                if "errorDetail" in line or "error" in line:
+                    message = (line.get("errorDetail") or {}).get("message") or line.get("error") or "unknown error"
+                    on_line(message)
+                    raise errors.BuildFailed(f"{step}: {message}" if step else message)
+                text = line.get("stream") or line.get("status") or ""
+                for part in text.splitlines():
+                    if part.strip():
+                        on_line(part)
+                        if part.startswith("Step "):
+                            step = part.strip()
+                aux = line.get("aux") or {}
+                if aux.get("ID"):
+                    image_id = aux["ID"]
+        except (requests.exceptions.RequestException, docker_errors.DockerException) as exc:
+            raise _translate_api_error(exc, errors.BuildFailed, "build") from None
+        if image_id is None:
+            raise errors.BuildFailed(f"{step or 'build'}: the daemon reported no image")
+        return image_id
+
+    def list_images(self, reference: str | None = None) -> list[dict[str, Any]]:
+        """``docker image ls`` (optionally ``--filter reference=…``), newest first."""
+        filters = {"reference": reference} if reference else None
+        images = self._call("list images", self.api.images, filters=filters, not_found=errors.ImageNotFound)
+        out = [
+            {
+                "id": image["Id"],
+                "tags": [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"],
+                "digests": [d for d in image.get("RepoDigests") or [] if not d.startswith("<none>")],
+                "size": image.get("Size"),
+                "created": datetime.fromtimestamp(image.get("Created", 0), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "labels": image.get("Labels") or {},
+            }
+            for image in images
+        ]
+        return sorted(out, key=lambda image: image["created"], reverse=True)
 
     def registry_digest(self, reference: str, auth: dict[str, str]) -> str:
         """The manifest digest the registry itself serves for ``reference`` (asked through the daemon)."""

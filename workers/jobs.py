@@ -26,12 +26,13 @@ from service import errors
 from service.jobstore import TERMINAL_STATES, utcnow
 
 from .deps import Deps
+from .build import build
 from .publish import publish
 from .pull import pull
 
 log = logging.getLogger(__name__)
 
-STEPS = {"publish": publish, "pull": pull}
+STEPS = {"publish": publish, "pull": pull, "build": build}
 
 
 def _iso(epoch: float) -> str:
@@ -135,8 +136,11 @@ def run(job_id: str, deps: Deps) -> None:
         _run_locked(job, deps, guard)
     finally:
         guard.release()
-    if job["state"] in TERMINAL_STATES and job["request"].get("callback_url"):
-        deps.queue.send_webhook(job_id)
+    if job["state"] in TERMINAL_STATES:
+        if job["kind"] == "build":
+            deps.store.drop_context(job_id)
+        if job["request"].get("callback_url"):
+            deps.queue.send_webhook(job_id)
 
 
 def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:

@@ -112,20 +112,28 @@ def _push_tag(engine: DockerEngine, target: Target, image: ImageInfo, repository
 
 
 def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
-    request = job["request"]
-    image = deps.engine.inspect(request["source"])
+    image = deps.engine.inspect(job["request"]["source"])
     job["source_image_id"] = image.id
+    push_targets(job, deps, progress, image, prepare_targets(job, deps, progress))
+
+
+def prepare_targets(job: dict[str, Any], deps: "Deps", progress: "Progress") -> list[tuple[dict[str, Any], Target]]:
+    """Each target record with its registry; every repository checked (or created) before the
+    first byte is pushed anywhere."""
     targets: list[tuple[dict[str, Any], Target]] = []
     for record in job["targets"]:
         target = deps.targets.get(record["registry"])
         if target is None:
             raise errors.RegistryNotConfigured(f"registry {record['registry']!r} is no longer configured")
         targets.append((record, target))
-    # Every repository is checked (or created) before the first byte is pushed anywhere.
     for record, target in targets:
-        if target.ensure_repository(record["repository"], request.get("create_repository", False)):
+        if target.ensure_repository(record["repository"], job["request"].get("create_repository", False)):
             record["repository_created"] = True
     progress.save()
+    return targets
+
+
+def push_targets(job: dict[str, Any], deps: "Deps", progress: "Progress", image: ImageInfo, targets) -> None:
     for record, target in targets:
         progress.check()
         if record["state"] == "succeeded":

@@ -46,3 +46,9 @@ def api(service) -> Api:
 @pytest.fixture
 def unique() -> str:
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def redis_client_db0(stack):
+    """The session service's Redis database."""
+    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
