@@ -4,6 +4,7 @@ enqueue and answer; they never touch Docker or ECR."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -165,6 +166,8 @@ def build():
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with a `request` (JSON) and a `context` (tar or tar.gz) part")
     form_request, context = request.form.get("request"), request.files.get("context")
+    if context is None and "context" in request.form:  # a part sent without a filename
+        context = io.BytesIO(request.form["context"].encode("utf-8", "surrogateescape"))
     missing = [name for name, part in (("request", form_request), ("context", context)) if part is None]
     if missing:
         raise ValidationFailed([{"field": name, "message": "missing part"} for name in missing])

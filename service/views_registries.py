@@ -4,6 +4,7 @@ see service/control.py)."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, jsonify, url_for
 from marshmallow import ValidationError
@@ -53,7 +54,8 @@ def create_repository(registry: str):
     repo = ctx()["control"].call(control.CREATE_REPOSITORY, registry, data)
     resp = jsonify(repo)
     resp.status_code = 201
-    resp.headers["Location"] = url_for("registries.describe_repository", registry=registry, repository=repo["name"])
+    # one path segment (slashes %2F-encoded), so no client can mistake where the name ends
+    resp.headers["Location"] = url_for("registries.create_repository", registry=registry) + "/" + quote(repo["name"], safe="")
     return resp
 
 

@@ -49,9 +49,11 @@ class Supervisor:
             now = time.monotonic()
             try:
                 if now - last_beat >= HEARTBEAT_SECONDS:
-                    self.store.heartbeat(self.name)
+                    # The alive file says this process's loop runs, whatever Redis does: a Redis
+                    # outage shows in readiness, and must not get every worker restarted.
                     self._touch_alive_file()
                     last_beat = now
+                    self.store.heartbeat(self.name)
                 self.enqueue_due()
                 if now - last_scan >= self.settings.recovery.scan_interval_seconds:
                     self.recover_orphans()

@@ -33,7 +33,7 @@ def test_repository_create_describe_list(api, stack, moto, unique):
     assert resp.status_code == 201, resp.text
     repo = resp.json()
     assert repo["uri"] == f"{stack.ecr_host}/{name}"
-    assert resp.headers["Location"] == f"/v1/registries/ecr/repositories/{name}"
+    assert resp.headers["Location"] == f"/v1/registries/ecr/repositories/{name.replace('/', '%2F')}"
     # what ECR (moto) itself now holds
     held = moto.describe_repositories(repositoryNames=[name])["repositories"][0]
     assert held["imageTagMutability"] == "IMMUTABLE" and held["imageScanningConfiguration"]["scanOnPush"] is True

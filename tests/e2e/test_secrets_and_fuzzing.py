@@ -22,7 +22,7 @@ import requests
 
 from service.auth import hash_token
 from service_process import Service, base_config
-from test_reliability import Receiver
+from webhook_receiver import Receiver
 
 CANARY = uuid.uuid4().hex[:12]
 SECRETS = {
@@ -158,16 +158,28 @@ def test_canary_secrets_never_leak(secured, stack, unique, ecr_api):
     receiver.server.shutdown()
 
 
-def test_schemathesis_finds_nothing(secured, stack, tmp_path):
+@pytest.mark.parametrize("selection", [
+    ["--exclude-path", "/v1/build"],
+    # A build context is a tar or tar.gz: JSON Schema cannot say "a well-formed archive", so a
+    # schema-valid random string is rightly refused there (422 invalid_context). For this one
+    # operation that one check is off; every other check, negative data included, still runs.
+    # (Generating multipart bodies with a nested JSON part trips Hypothesis' filter health
+    # check; the cases it does generate all run.)
+    ["--include-path", "/v1/build", "--exclude-checks", "positive_data_acceptance",
+     "--suppress-health-check", "filter_too_much"],
+], ids=["all-operations", "build"])
+def test_schemathesis_finds_nothing(secured, stack, selection):
     """Fuzz every operation of openapi.yaml against the live API: no 5xx, every response
     conforms to the spec, invalid input is rejected with 4xx."""
     schemathesis = Path(sys.executable).parent / "schemathesis"
     command = [
+        str(schemathesis) if schemathesis.exists() else "schemathesis", "run",
         # the contract as this deployment serves it (its registry names are an enum there)
-        str(schemathesis) if schemathesis.exists() else "schemathesis", "run", secured.api.base_url + "/openapi.yaml",
+        secured.api.base_url + "/openapi.yaml",
         "--url", secured.api.base_url,
         "--header", "Authorization: Bearer imp_fuzz-token",
         "--checks", "all",
+        *selection,
         "--max-examples", os.environ.get("IMAGEPUB_FUZZ_EXAMPLES", "25"),
         "--seed", "20261127",
         "--request-timeout", "30",
