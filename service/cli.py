@@ -40,8 +40,10 @@ def _serve(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from .queue import CONTROL_QUEUE, JOBS_QUEUE
 
+    queues = {"jobs": JOBS_QUEUE, "control": CONTROL_QUEUE}
+    chosen = [queues[name] for name in args.queues.split(",")]
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "--quiet", "worker",
-            "--queues", f"{JOBS_QUEUE},{CONTROL_QUEUE}", "--loglevel", args.loglevel, "--without-mingle", "--without-gossip"]
+            "--queues", ",".join(chosen), "--loglevel", args.loglevel, "--without-mingle", "--without-gossip"]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     os.execv(sys.executable, argv)
@@ -462,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a Celery worker next to a Docker daemon")
     worker.add_argument("--concurrency", type=int, help="jobs at once (default: number of cores)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--queues", default="jobs,control", choices=["jobs,control", "jobs", "control"],
+                        help="what to consume: jobs (publish, pull, build), control (registry operations, webhooks)")
     worker.set_defaults(func=_worker)
 
     token = sub.add_parser("token", help="API tokens for the clients section of the configuration")
