@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import redis
 
@@ -106,6 +106,7 @@ class JobStore:
         self.retention_seconds = retention_seconds
         self.metrics = Metrics(client)
         self._binary_client: redis.Redis | None = None
+        self._depth, self._depth_read_at = 0, float("-inf")
         self._save = client.register_script(_SAVE)
 
     @classmethod
@@ -147,10 +148,13 @@ class JobStore:
 
     # --- records ---
 
-    def create(self, job: dict[str, Any]) -> None:
-        """Store a new job, index it and start its event stream."""
+    def create(self, job: dict[str, Any], also: Callable[[redis.client.Pipeline], None] | None = None) -> None:
+        """Store a new job, index it and start its event stream, in one transaction; ``also``
+        adds commands to it (the API queues the job in the same round trip)."""
         record = _dumps(job)
         pipe = self.redis.pipeline(transaction=True)
+        if also is not None:
+            also(pipe)
         pipe.set(self._job_key(job["id"]), record)
         for key in self._indexes(job):
             pipe.zadd(key, {job["id"]: 0})
@@ -260,9 +264,13 @@ class JobStore:
     def drop_context(self, job_id: str) -> None:
         self.redis.delete(self._context_key(job_id))
 
-    def queue_depth(self) -> int:
-        """Messages waiting on the jobs queue (kombu keeps a Redis list per queue)."""
-        return self.redis.llen("imagepub.jobs")
+    def queue_depth(self, max_age: float = 0.1) -> int:
+        """Messages waiting on the jobs queue (kombu keeps a Redis list per queue), read at most
+        every ``max_age`` seconds per process: a cap needs no exact count on every request."""
+        now = time.monotonic()
+        if now - self._depth_read_at > max_age:
+            self._depth, self._depth_read_at = self.redis.llen("imagepub.jobs"), now
+        return self._depth
 
     def ping(self) -> bool:
         return bool(self.redis.ping())

@@ -7,6 +7,11 @@ stay on the workers.
 
 from __future__ import annotations
 
+import base64
+import json
+import socket
+import uuid
+
 from celery import Celery
 from kombu import Queue
 
@@ -48,17 +53,53 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class JobQueue:
-    """Puts job ids on the queue."""
+    """Puts job ids on the queue.
+
+    A job message is written straight into kombu's Redis list for the jobs queue, so that it can
+    go in the same Redis transaction as the job record: one round trip, and a job is stored and
+    queued together or not at all. The message is the one Celery itself would send — headers,
+    properties and body come from Celery's own protocol-2 builder (``as_task_v2``) and are
+    wrapped the way kombu's virtual transport wraps them — only the round trips through kombu's
+    producer (connection pool, exchange lookup, declarations) are skipped. Every job of the test
+    suite travels this way to a real Celery worker.
+    """
 
     def __init__(self, celery: Celery):
         self.celery = celery
+        self._origin = f"imagepub-api@{socket.gethostname()}"
 
     @classmethod
     def from_config(cls, settings: Settings) -> "JobQueue":
         return cls(make_celery(settings))
 
-    def enqueue(self, job_id: str, *, countdown: float | None = None) -> None:
-        self.celery.send_task(RUN_JOB, args=[job_id], queue=JOBS_QUEUE, countdown=countdown)
+    def message(self, job_id: str) -> str:
+        """The kombu/Celery message that runs ``job_id``, as the Redis transport stores it."""
+        task_id = str(uuid.uuid4())
+        headers, properties, body, _ = self.celery.amqp.as_task_v2(
+            task_id, RUN_JOB, args=[job_id], kwargs={}, ignore_result=True, origin=self._origin,
+        )
+        properties.update(
+            delivery_mode=2,
+            priority=0,
+            body_encoding="base64",
+            delivery_tag=str(uuid.uuid4()),
+            delivery_info={"exchange": JOBS_QUEUE, "routing_key": JOBS_QUEUE},
+        )
+        return json.dumps({
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": properties,
+        })
+
+    def enqueue(self, job_id: str, pipe=None) -> None:
+        """Queue ``job_id``; with ``pipe``, as part of the caller's Redis transaction."""
+        if pipe is not None:
+            pipe.lpush(JOBS_QUEUE, self.message(job_id))
+            return
+        with self.celery.pool.acquire(block=True) as connection:
+            connection.default_channel.client.lpush(JOBS_QUEUE, self.message(job_id))
 
     def send_webhook(self, job_id: str) -> None:
         self.celery.send_task(DELIVER_WEBHOOK, args=[job_id], queue=CONTROL_QUEUE)

@@ -118,8 +118,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
     try:
         if context is not None:
             store.put_context(job["id"], context)
-        store.create(job)
-        queue.enqueue(job["id"])
+        store.create(job, also=lambda pipe: queue.enqueue(job["id"], pipe))
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:

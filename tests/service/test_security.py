@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import sys
 from dataclasses import replace
 
@@ -115,6 +116,7 @@ def test_queue_depth_cap(settings, redis_client):
     client = CheckedClient(create_app(capped).test_client(), headers=bearer("admin"))
     for _ in range(2):
         assert client.post("/v1/publish", json=GOOD).status_code == 202
+        time.sleep(0.15)  # the depth is read at most every 100 ms per process
     resp = client.post("/v1/publish", json=GOOD)
     problem(resp, 503, "queue_full")
     assert resp.headers["Retry-After"]
