@@ -3,7 +3,8 @@
 Keys (all under one prefix, so one Redis can serve several deployments):
 
 - ``job:{id}``                 the job record (JSON), O(1) to read
-- ``job:{id}:events``          a stream of the record's snapshots, for live progress (SSE)
+- ``job:{id}:events``          a stream of the record's snapshots, for live progress (SSE),
+                               kept for an hour after the job ends
 - ``job:{id}:cancel``          set when a caller cancels a running job
 - ``jobs``, ``jobs:state:{state}``, ``jobs:kind:{kind}``, ``jobs:kind:{kind}:state:{state}``
                                the listing indexes, and the same under ``jobs:client:{name}``
@@ -39,9 +40,13 @@ KINDS = ("publish", "pull", "build")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_MAXLEN = 2000
+# A finished job's event history (every snapshot) is kept this long for late followers and
+# resumptions; afterwards its events endpoint replays the record itself. The record lives for
+# the whole retention period: the history would be most of a finished job's memory.
+EVENTS_AFTER_END_SECONDS = 3600
 
 # KEYS: job, events, idempotency key (or a dummy). ARGV: record, new state, kind, prefix, id,
-# event type, ttl of a finished job, client.
+# event type, ttl of a finished job, client, ttl of a finished job's events.
 _SAVE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
@@ -61,7 +66,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', ARGV[6], 'job', ARGV
 if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
   local ttl = tonumber(ARGV[7])
   redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[2], math.min(ttl, tonumber(ARGV[9])))
   if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) end
 end
 return 1
@@ -185,7 +190,8 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self._job_key(job["id"]) + ":no-idem"
         result = self._save(
             keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem],
-            args=[_dumps(job), job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds, job.get("client") or ""],
+            args=[_dumps(job), job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds,
+                  job.get("client") or "", EVENTS_AFTER_END_SECONDS],
         )
         if result == 1 and job["state"] in TERMINAL_STATES:
             self._count_finished(job)
@@ -327,7 +333,7 @@ class JobStore:
                         pipe.zadd(index, {job_id: 0})
                     pipe.zrem(f"{self.prefix}delayed", job_id)
                     pipe.xadd(self._events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
-                    pipe.expire(self._events_key(job_id), self.retention_seconds)
+                    pipe.expire(self._events_key(job_id), min(self.retention_seconds, EVENTS_AFTER_END_SECONDS))
                     self._count_finished(job, pipe)
                     pipe.execute()
                     return "cancelled", job

@@ -116,6 +116,15 @@ def test_events_of_a_finished_job_replay_its_end_and_close(client, app):
     resumed = parse_sse(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": first_id}).get_data(as_text=True))
     assert [e["data"]["state"] for e in resumed] == ["running", "succeeded"]
     problem(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "nope"}), 422, "validation_failed")
+
+    # the history outlives the job's end by an hour, the record by the whole retention...
+    redis_client = store.redis
+    assert 3500 < redis_client.ttl(f"imagepub:job:{job['id']}:events") <= 3600
+    assert redis_client.ttl(f"imagepub:job:{job['id']}") > 86400
+    # ...and once the history is gone the endpoint replays the record itself
+    redis_client.delete(f"imagepub:job:{job['id']}:events")
+    replay = parse_sse(client.get(f"/v1/jobs/{job['id']}/events").get_data(as_text=True))
+    assert [(e["event"], e["data"]["state"]) for e in replay] == [("state", "succeeded")]
     problem(client.get("/v1/jobs/0190f2a4-0000-7000-8000-000000000000/events"), 404, "job_not_found")
 
 
