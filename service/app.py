@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 import yaml
 from importlib import resources
 
@@ -18,6 +19,7 @@ from .jobstore import JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
 from .queue import JobQueue
+from .schemas import PublishSchema, PullSchema
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,13 @@ def _render_http_error(exc: HTTPException) -> Response:
     resp = problem(exc.code or 500, code, exc.name, exc.description or exc.name)
     if exc.code == 405 and exc.valid_methods:
         resp.headers["Allow"] = ", ".join(exc.valid_methods)
+    return resp
+
+
+def _render_redis_down(exc: Exception) -> Response:
+    log.error("Redis unavailable on %s %s: %s", request.method, request.path, exc.__class__.__name__)
+    resp = problem(503, "store_unavailable", "Service unavailable", "the job store does not answer; try again shortly")
+    resp.headers["Retry-After"] = "5"
     return resp
 
 
@@ -99,9 +108,13 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         "queue": queue,
         "control": RegistryControl(queue.celery),
         "spec": deployment_spec(settings),
+        # marshmallow schemas are reusable and thread-safe for load(): build them once
+        "schemas": {"publish": PublishSchema(limits=settings.limits), "pull": PullSchema()},
     }
     app.register_error_handler(ImagepubError, _render_imagepub_error)
     app.register_error_handler(HTTPException, _render_http_error)
+    app.register_error_handler(redis.exceptions.ConnectionError, _render_redis_down)
+    app.register_error_handler(redis.exceptions.TimeoutError, _render_redis_down)
     app.register_error_handler(Exception, _render_unexpected)
 
     from .views import jobs

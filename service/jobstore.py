@@ -30,11 +30,12 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import redis
 
-from .metrics import Metrics
+from .metrics import KEY as METRICS_KEY
+from .metrics import Metrics, metric_field
 
 KINDS = ("publish", "pull", "build")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -71,6 +72,25 @@ if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
 end
 return 1
 """ % EVENTS_MAXLEN
+
+
+# KEYS: job, events, jobs queue. ARGV: record, id, prefix, client, kind, state, metric field,
+# queue message ('' for none). One command: the record, its indexes, its first event, the
+# submission counter and the Celery message, together or not at all.
+_CREATE = """
+redis.call('SET', KEYS[1], ARGV[1])
+local id, kind, state = ARGV[2], ARGV[5], ARGV[6]
+for _, base in ipairs({ARGV[3] .. 'jobs', ARGV[3] .. 'jobs:client:' .. ARGV[4]}) do
+  redis.call('ZADD', base, 0, id)
+  redis.call('ZADD', base .. ':state:' .. state, 0, id)
+  redis.call('ZADD', base .. ':kind:' .. kind, 0, id)
+  redis.call('ZADD', base .. ':kind:' .. kind .. ':state:' .. state, 0, id)
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', 'state', 'job', ARGV[1])
+redis.call('HINCRBY', '%s', ARGV[7], 1)
+if ARGV[8] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[8]) end
+return 1
+""" % (EVENTS_MAXLEN, METRICS_KEY)
 
 
 def new_job_id() -> str:
@@ -113,6 +133,7 @@ class JobStore:
         self._binary_client: redis.Redis | None = None
         self._depth, self._depth_read_at = 0, float("-inf")
         self._save = client.register_script(_SAVE)
+        self._create = client.register_script(_CREATE)
 
     @classmethod
     def from_config(cls, settings) -> "JobStore":
@@ -153,19 +174,14 @@ class JobStore:
 
     # --- records ---
 
-    def create(self, job: dict[str, Any], also: Callable[[redis.client.Pipeline], None] | None = None) -> None:
-        """Store a new job, index it and start its event stream, in one transaction; ``also``
-        adds commands to it (the API queues the job in the same round trip)."""
-        record = _dumps(job)
-        pipe = self.redis.pipeline(transaction=True)
-        if also is not None:
-            also(pipe)
-        pipe.set(self._job_key(job["id"]), record)
-        for key in self._indexes(job):
-            pipe.zadd(key, {job["id"]: 0})
-        pipe.xadd(self._events_key(job["id"]), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
-        self.metrics.incr("imagepub_jobs_submitted", pipe=pipe, kind=job["kind"])
-        pipe.execute()
+    def create(self, job: dict[str, Any], message: str | None = None) -> None:
+        """Store a new job, index it, start its event stream and (with ``message``) queue it:
+        one atomic script, one round trip."""
+        self._create(
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), "imagepub.jobs"],
+            args=[_dumps(job), job["id"], self.prefix, job.get("client") or "", job["kind"], job["state"],
+                  metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or ""],
+        )
 
     def _count_finished(self, job: dict[str, Any], pipe=None) -> None:
         own = pipe is None

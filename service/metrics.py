@@ -38,7 +38,7 @@ HISTOGRAMS = {
 }
 
 
-def _field(name: str, labels: Mapping[str, Any]) -> str:
+def metric_field(name: str, labels: Mapping[str, Any]) -> str:
     return name + "|" + ",".join(f"{k}={labels[k]}" for k in sorted(labels))
 
 
@@ -56,17 +56,17 @@ class Metrics:
     def incr(self, name: str, amount: float = 1, pipe=None, **labels: Any) -> None:
         target = pipe if pipe is not None else self.redis
         if isinstance(amount, float) and not amount.is_integer():
-            target.hincrbyfloat(KEY, _field(name, labels), amount)
+            target.hincrbyfloat(KEY, metric_field(name, labels), amount)
         else:
-            target.hincrby(KEY, _field(name, labels), int(amount))
+            target.hincrby(KEY, metric_field(name, labels), int(amount))
 
     def observe(self, name: str, value: float, pipe=None, **labels: Any) -> None:
         own = pipe is None
         pipe = self.redis.pipeline(transaction=False) if own else pipe
         bucket = next(b for b in HISTOGRAMS[name][2] if value <= b)
-        pipe.hincrby(KEY, _field(name + "_bucket", {**labels, "le": bucket}), 1)
-        pipe.hincrbyfloat(KEY, _field(name + "_sum", labels), value)
-        pipe.hincrby(KEY, _field(name + "_count", labels), 1)
+        pipe.hincrby(KEY, metric_field(name + "_bucket", {**labels, "le": bucket}), 1)
+        pipe.hincrbyfloat(KEY, metric_field(name + "_sum", labels), value)
+        pipe.hincrby(KEY, metric_field(name + "_count", labels), 1)
         if own:
             pipe.execute()
 

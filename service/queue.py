@@ -93,11 +93,8 @@ class JobQueue:
             "properties": properties,
         })
 
-    def enqueue(self, job_id: str, pipe=None) -> None:
-        """Queue ``job_id``; with ``pipe``, as part of the caller's Redis transaction."""
-        if pipe is not None:
-            pipe.lpush(JOBS_QUEUE, self.message(job_id))
-            return
+    def enqueue(self, job_id: str) -> None:
+        """Queue ``job_id`` (the API queues new jobs with their record: JobStore.create)."""
         with self.celery.pool.acquire(block=True) as connection:
             connection.default_channel.client.lpush(JOBS_QUEUE, self.message(job_id))
 

@@ -118,7 +118,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
     try:
         if context is not None:
             store.put_context(job["id"], context)
-        store.create(job, also=lambda pipe: queue.enqueue(job["id"], pipe))
+        store.create(job, message=queue.message(job["id"]))
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
@@ -136,7 +136,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
 @jobs.post("/v1/publish")
 def publish():
     client = require_scope("publish")
-    data = load(PublishSchema(limits=ctx()["settings"].limits), json_body())
+    data = load(ctx()["schemas"]["publish"], json_body())
     require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in enumerate(data["targets"])])
     _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
     _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])])
@@ -147,7 +147,7 @@ def publish():
 @jobs.post("/v1/pull")
 def pull():
     client = require_scope("pull")
-    data = load(PullSchema(), json_body())
+    data = load(ctx()["schemas"]["pull"], json_body())
     require_repositories(client, [("repository", data["repository"])])
     _check_registries([("registry", data["registry"])])
     _check_ecr_names([("repository", data["registry"], data["repository"])])

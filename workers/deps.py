@@ -48,8 +48,9 @@ class Deps:
 
     @contextlib.contextmanager
     def reference_lock(self, reference: str, check=lambda: None) -> Iterator[None]:
-        """Serialise tag-and-push of one reference across every worker: the daemon's tag is
-        shared state, and two jobs must never push each other's image under one name.
+        """Serialise tag-and-push of one repository (``host/name``) across every worker: the
+        daemon's tags are shared state, two jobs must never push each other's image under one
+        name, and two pushes of one image must not upload its layers twice.
         ``check()`` runs while waiting (it raises when the job is cancelled)."""
         lock = self.redis.lock(f"imagepub:lock:ref:{reference}", timeout=self.settings.job_timeout_seconds, thread_local=False)
         deadline = time.monotonic() + self.settings.job_timeout_seconds

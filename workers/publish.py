@@ -143,7 +143,9 @@ def push_targets(job: dict[str, Any], deps: "Deps", progress: "Progress", image:
         on_layer = layer_recorder(record, progress)
         digests = set()
         for tag in record["tags"]:
-            with deps.reference_lock(f"{repository_ref}:{tag}", progress.check):
+            # One push per repository at a time, fleet-wide: the daemon's tags are shared state,
+            # and concurrent pushes of one image to one repository would upload its layers twice.
+            with deps.reference_lock(repository_ref, progress.check):
                 digests.add(_push_tag(deps.engine, target, image, repository_ref, tag, on_layer, digests))
             record["references"] = list(dict.fromkeys(record["references"] + [f"{repository_ref}:{tag}"]))
             progress.save()

@@ -50,9 +50,9 @@ def image(stack, unique):
     return name
 
 
-def hold_reference(r, stack, repository, tag):
-    """Take the push lock of local/{repository}:{tag} as another job would."""
-    key = f"imagepub:lock:ref:{stack.registry}/{repository}:{tag}"
+def hold_reference(r, stack, repository, tag=None):
+    """Take the push lock of local/{repository} as another job pushing there would."""
+    key = f"imagepub:lock:ref:{stack.registry}/{repository}"
     assert r.set(key, "held-by-test", px=120_000)
     return key
 

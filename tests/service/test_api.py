@@ -152,13 +152,20 @@ def test_registries_never_show_secrets(client):
     assert "LOCAL_PASSWORD" not in text and "s3cret" not in text and "password" not in text and "username" not in text
 
 
-def test_enqueue_failure_answers_503_and_keeps_nothing(app, client, redis_client):
-    def broken(job_id, **_):
-        raise ConnectionError("broker down")
+def test_redis_down_answers_503_and_keeps_nothing(settings, redis_client):
+    from dataclasses import replace
 
-    app.extensions["imagepub"]["queue"].enqueue = broken
-    problem(client.post("/v1/publish", json=GOOD), 503, "queue_unavailable")
-    assert redis_client.keys("imagepub:job:*") == [] and redis_client.zcard("imagepub:jobs") == 0
+    from stack import free_port
+
+    from clients import bearer
+    from helpers import CheckedClient
+    from service.app import create_app
+
+    nowhere = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = CheckedClient(create_app(nowhere).test_client(), headers=bearer("admin"))
+    for resp in (client.post("/v1/publish", json=GOOD), client.get("/v1/jobs")):
+        assert resp.status_code == 503 and resp.headers["Retry-After"]
+        assert resp.get_json()["code"] in {"queue_unavailable", "store_unavailable"}
 
 
 def test_health_and_spec(client, app):
