@@ -122,7 +122,8 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     from .views_registries import registries
 
     # Authentication first (an app-wide hook, so it runs before the rate limiter's), then rate
-    # limits per client, stored in Redis so they hold across gunicorn workers and replicas.
+    # limits per client, stored in Redis so they hold across gunicorn workers and replicas;
+    # with no limit configured anywhere, no limiter runs at all.
     authenticator = Authenticator(settings)
 
     @app.before_request
@@ -130,23 +131,24 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         if request.blueprint != "ops":
             authenticate_request(authenticator)
 
-    limiter = Limiter(
-        key_func=lambda: getattr(g, "client", ANONYMOUS).name,
-        app=app,
-        storage_uri=settings.redis_url,
-        storage_options={"health_check_interval": 30},
-        strategy="moving-window",
-        headers_enabled=True,
-        swallow_errors=True,  # Redis trouble must not turn every request into a 500
-        key_prefix="imagepub-rate",
-    )
     default_rate = settings.limits.default_rate_limit
-    for blueprint in (jobs, registries):
-        limiter.limit(
-            lambda: getattr(g, "client", ANONYMOUS).rate_limit or default_rate or "",
-            exempt_when=lambda: not (getattr(g, "client", ANONYMOUS).rate_limit or default_rate),
-        )(blueprint)
-    app.extensions["imagepub"]["limiter"] = limiter
+    if default_rate or any(client.rate_limit for client in settings.clients):
+        limiter = Limiter(
+            key_func=lambda: getattr(g, "client", ANONYMOUS).name,
+            app=app,
+            storage_uri=settings.redis_url,
+            storage_options={"health_check_interval": 30},
+            strategy="moving-window",
+            headers_enabled=True,
+            swallow_errors=True,  # Redis trouble must not turn every request into a 500
+            key_prefix="imagepub-rate",
+        )
+        for blueprint in (jobs, registries):
+            limiter.limit(
+                lambda: getattr(g, "client", ANONYMOUS).rate_limit or default_rate or "",
+                exempt_when=lambda: not (getattr(g, "client", ANONYMOUS).rate_limit or default_rate),
+            )(blueprint)
+        app.extensions["imagepub"]["limiter"] = limiter
     for blueprint in (jobs, registries, ops):
         app.register_blueprint(blueprint)
     return app
