@@ -117,22 +117,21 @@ class Progress:
 
 
 def run(job_id: str, deps: Deps) -> None:
-    job = deps.store.get(job_id)
-    if job is None:
-        log.warning("job is not in the store (expired?); dropping the message", extra={"job_id": job_id})
-        return
-    if job["state"] in TERMINAL_STATES:
-        log.info("job already ended; ignoring a duplicate delivery", extra={"job_id": job_id, "state": job["state"]})
-        return
+    # The lock first, then the record: one read, and it is current (nobody else runs the job).
     guard = Guard(deps, job_id)
     if not guard.acquire():
         log.info("job is running elsewhere; ignoring a duplicate delivery", extra={"job_id": job_id})
         return
     try:
-        job = deps.store.get(job_id)  # re-read under the lock
-        if job is None or job["state"] in TERMINAL_STATES:
+        job = deps.store.get(job_id)
+        if job is None:
+            log.warning("job is not in the store (expired?); dropping the message", extra={"job_id": job_id})
             return
-        deps.store.unschedule(job_id)
+        if job["state"] in TERMINAL_STATES:
+            log.info("job already ended; ignoring a duplicate delivery", extra={"job_id": job_id, "state": job["state"]})
+            return
+        if job["state"] == "retrying":
+            deps.store.unschedule(job_id)  # due now (or delivered twice): it runs here
         _run_locked(job, deps, guard)
     finally:
         guard.release()
