@@ -174,14 +174,16 @@ class JobStore:
 
     # --- records ---
 
-    def create(self, job: dict[str, Any], message: str | None = None) -> None:
+    def create(self, job: dict[str, Any], message: str | None = None) -> str:
         """Store a new job, index it, start its event stream and (with ``message``) queue it:
-        one atomic script, one round trip."""
+        one atomic script, one round trip. Returns the stored JSON."""
+        record = _dumps(job)
         self._create(
             keys=[self._job_key(job["id"]), self._events_key(job["id"]), "imagepub.jobs"],
-            args=[_dumps(job), job["id"], self.prefix, job.get("client") or "", job["kind"], job["state"],
+            args=[record, job["id"], self.prefix, job.get("client") or "", job["kind"], job["state"],
                   metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or ""],
         )
+        return record
 
     def _count_finished(self, job: dict[str, Any], pipe=None) -> None:
         own = pipe is None

@@ -65,8 +65,8 @@ def _check_callback(data: dict[str, Any]) -> None:
         raise ValidationFailed([{"field": "callback_url", "message": str(exc)}], code="callback_url_forbidden") from None
 
 
-def _accepted(job: dict[str, Any], replayed: bool = False) -> Response:
-    resp = jsonify(job)
+def _accepted(job: dict[str, Any], replayed: bool = False, record: str | None = None) -> Response:
+    resp = Response(record, mimetype="application/json") if record is not None else jsonify(job)
     resp.status_code = 202
     resp.headers["Location"] = url_for("jobs.get_job", job_id=job["id"])
     if replayed:
@@ -118,7 +118,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
     try:
         if context is not None:
             store.put_context(job["id"], context)
-        store.create(job, message=queue.message(job["id"]))
+        record = store.create(job, message=queue.message(job["id"]))
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
@@ -130,7 +130,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
             pass
         raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
     log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})
-    return _accepted(job)
+    return _accepted(job, record=record)
 
 
 @jobs.post("/v1/publish")

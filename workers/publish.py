@@ -106,8 +106,10 @@ def _push_tag(engine: DockerEngine, target: Target, image: ImageInfo, repository
             raise errors.PushFailed(f"{reference}: the registry serves {served}, the push reported {result.digest}")
         return result.digest
     finally:
-        # Leave the daemon's tags as they were, but never remove an image's last name.
-        if reference not in image.repo_tags and len(engine.inspect(image.id).repo_tags) > 1:
+        # Leave the daemon's tags as they were. Only when the source has names of its own: an
+        # image known by id alone keeps the target names, so that no untag (ours, or another
+        # job's at the same moment) can ever remove an image's last name and with it the image.
+        if image.repo_tags and reference not in image.repo_tags:
             engine.untag(reference)
 
 
