@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from .config import Settings
-from .errors import ImagepubError, ValidationFailed
+from .errors import ImagepubError
 from .jobstore import JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 import redis
 

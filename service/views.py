@@ -21,7 +21,7 @@ from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnav
 from .http import ctx, json_body, load, load_query
 from .jobs import new_job
 from .jobstore import TERMINAL_STATES, is_job_id
-from .schemas import BuildSchema, JobListQuery, PublishSchema, PullSchema, ecr_repository
+from .schemas import BuildSchema, JobListQuery, ecr_repository
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)

@@ -5,7 +5,6 @@ itself; repository settings from moto directly, not through our code."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 
 import boto3
 import pytest

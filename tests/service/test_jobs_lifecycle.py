@@ -3,7 +3,6 @@ against real Redis (no worker: the jobs stay queued unless a test moves them).""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
