@@ -65,6 +65,16 @@ def _check_callback(data: dict[str, Any]) -> None:
         raise ValidationFailed([{"field": "callback_url", "message": str(exc)}], code="callback_url_forbidden") from None
 
 
+def _check_targets(client, data: dict[str, Any]) -> None:
+    """Everything a publish or build must pass before it is stored: the client's repository
+    patterns, configured registries, ECR's name grammar, the callback URL."""
+    targets = list(enumerate(data["targets"]))
+    require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in targets])
+    _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in targets])
+    _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in targets])
+    _check_callback(data)
+
+
 def _accepted(job: dict[str, Any], replayed: bool = False, record: str | None = None) -> Response:
     resp = Response(record, mimetype="application/json") if record is not None else jsonify(job)
     resp.status_code = 202
@@ -137,10 +147,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
 def publish():
     client = require_scope("publish")
     data = load(ctx()["schemas"]["publish"], json_body())
-    require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in enumerate(data["targets"])])
-    _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
-    _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])])
-    _check_callback(data)
+    _check_targets(client, data)
     return _submit("publish", data)
 
 
@@ -175,10 +182,7 @@ def build():
     except ValueError:
         raise BadRequest("the `request` part is not valid JSON", code="invalid_json") from None
     data = load(BuildSchema(limits=settings.limits), body)
-    require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in enumerate(data["targets"])])
-    _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in enumerate(data["targets"])])
-    _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])])
-    _check_callback(data)
+    _check_targets(client, data)
     archive = context.read()
     if len(archive) > settings.limits.max_context_bytes:
         raise PayloadTooLarge(f"the build context is larger than {settings.limits.max_context_bytes} bytes", code="context_too_large")
