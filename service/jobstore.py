@@ -74,21 +74,17 @@ return 1
 """ % EVENTS_MAXLEN
 
 
-# KEYS: job, events, jobs queue. ARGV: record, id, prefix, client, kind, state, metric field,
-# queue message ('' for none). One command: the record, its indexes, its first event, the
-# submission counter and the Celery message, together or not at all.
+# KEYS: job, events, jobs queue, then every index the job belongs to (JobStore._indexes).
+# ARGV: record, id, metric field, queue message ('' for none). One command: the record, its
+# indexes, its first event, the submission counter and the Celery message, together or not at all.
 _CREATE = """
 redis.call('SET', KEYS[1], ARGV[1])
-local id, kind, state = ARGV[2], ARGV[5], ARGV[6]
-for _, base in ipairs({ARGV[3] .. 'jobs', ARGV[3] .. 'jobs:client:' .. ARGV[4]}) do
-  redis.call('ZADD', base, 0, id)
-  redis.call('ZADD', base .. ':state:' .. state, 0, id)
-  redis.call('ZADD', base .. ':kind:' .. kind, 0, id)
-  redis.call('ZADD', base .. ':kind:' .. kind .. ':state:' .. state, 0, id)
+for i = 4, #KEYS do
+  redis.call('ZADD', KEYS[i], 0, ARGV[2])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', 'state', 'job', ARGV[1])
-redis.call('HINCRBY', '%s', ARGV[7], 1)
-if ARGV[8] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[8]) end
+redis.call('HINCRBY', '%s', ARGV[3], 1)
+if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[4]) end
 return 1
 """ % (EVENTS_MAXLEN, METRICS_KEY)
 
@@ -179,9 +175,8 @@ class JobStore:
         one atomic script, one round trip. Returns the stored JSON."""
         record = _dumps(job)
         self._create(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), "imagepub.jobs"],
-            args=[record, job["id"], self.prefix, job.get("client") or "", job["kind"], job["state"],
-                  metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or ""],
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), "imagepub.jobs", *self._indexes(job)],
+            args=[record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or ""],
         )
         return record
 

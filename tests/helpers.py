@@ -23,13 +23,17 @@ _openapi = OpenAPI.from_file_path(
 GOOD = {"source": "python-lab:latest", "targets": [{"registry": "local", "repository": "team/app", "tags": ["latest", "1.4.2"]}]}
 
 
-def _first_event(text: str) -> dict:
-    """An SSE body as the contract describes it: one event, its fields as strings."""
+def _sse_events(text: str):
+    """The events of a text/event-stream body with data, each as its fields (strings)."""
     for block in text.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
         if "data" in fields:
-            return fields
-    return {}
+            yield fields
+
+
+def _first_event(text: str) -> dict:
+    """An SSE body as the contract describes it: one event, its fields as strings."""
+    return next(_sse_events(text), {})
 
 
 _REPOSITORY_PATH = re.compile(r"(/v1/registries/[^/]+/repositories/)(.+?)(/images)?")
@@ -90,9 +94,4 @@ def queued_job_ids(redis_client) -> list[str]:
 
 def parse_sse(text: str) -> list[dict]:
     """The events of a text/event-stream body: {"id", "event", "data" (parsed JSON)}."""
-    events = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
-        if "data" in fields:
-            events.append({**fields, "data": json.loads(fields["data"])})
-    return events
+    return [{**fields, "data": json.loads(fields["data"])} for fields in _sse_events(text)]

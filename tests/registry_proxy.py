@@ -46,6 +46,16 @@ EXPIRED_TOKEN_MESSAGE = "Your authorization token has expired. Reauthenticate an
 
 CHUNK = 256 * 1024
 
+
+def _read_exactly(rfile, size: int, what: str):
+    """``size`` bytes of ``rfile``, in pieces of at most CHUNK."""
+    while size:
+        data = rfile.read(min(size, CHUNK))
+        if not data:
+            raise ConnectionError(f"client closed during {what}")
+        size -= len(data)
+        yield data
+
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones this proxy re-frames itself.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "expect"}
@@ -333,20 +343,10 @@ class RegistryProxy:
                         if not t or t in (b"\r\n", b"\n"):
                             break
                     return
-                while size:
-                    data = rfile.read(min(size, CHUNK))
-                    if not data:
-                        raise ConnectionError("client closed during chunked body")
-                    size -= len(data)
-                    yield data
+                yield from _read_exactly(rfile, size, "chunked body")
                 rfile.readline(3)  # CRLF after the chunk data
         else:
-            while length:
-                data = rfile.read(min(length, CHUNK))
-                if not data:
-                    raise ConnectionError("client closed during body")
-                length -= len(data)
-                yield data
+            yield from _read_exactly(rfile, length, "body")
 
     @classmethod
     def _drain_body(cls, h: _Handler) -> None:
