@@ -186,5 +186,5 @@ def test_schemathesis_finds_nothing(secured, stack, selection):
         "--no-color",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    (stack.tmp / "schemathesis.txt").write_text(result.stdout + result.stderr)
+    (stack.tmp / f"schemathesis-{selection[1].strip('/').replace('/', '-')}-{selection[0]}.txt").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

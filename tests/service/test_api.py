@@ -163,7 +163,9 @@ def test_redis_down_answers_503_and_keeps_nothing(settings, redis_client):
 
     nowhere = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     client = CheckedClient(create_app(nowhere).test_client(), headers=bearer("admin"))
-    for resp in (client.post("/v1/publish", json=GOOD), client.get("/v1/jobs")):
+    job = "/v1/jobs/0190f2a4-0000-7000-8000-000000000000"
+    for resp in (client.post("/v1/publish", json=GOOD), client.get("/v1/jobs"), client.get(job),
+                 client.post(f"{job}/cancel"), client.get(f"{job}/events")):
         assert resp.status_code == 503 and resp.headers["Retry-After"]
         assert resp.get_json()["code"] in {"queue_unavailable", "store_unavailable"}
 
