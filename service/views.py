@@ -11,6 +11,7 @@ import re
 import time
 from typing import Any, Iterator
 
+import redis
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from marshmallow import ValidationError
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?", re.ASCII)
+EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", re.ASCII)
+STREAM_ID_MAX = 2**64 - 1  # both halves of a Redis stream id are unsigned 64-bit
 SSE_KEEPALIVE_MS = 15000
 
 
@@ -245,6 +247,12 @@ def cancel_job(job_id: str):
     return resp
 
 
+def _event_id(value: str) -> bool:
+    """Whether `value` can be a Redis stream id (`ms` or `ms-seq`, each at most 2**64-1)."""
+    match = EVENT_ID.fullmatch(value)
+    return bool(match) and all(int(part) <= STREAM_ID_MAX for part in match.groups("0"))
+
+
 def _sse(event_id: str, event: str, data: str) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
@@ -255,10 +263,18 @@ def job_events(job_id: str):
     job = _job_or_404(job_id)
     store = ctx()["store"]
     last = request.headers.get("Last-Event-ID")
-    if last is not None and not EVENT_ID.fullmatch(last):
+    if last is not None and not _event_id(last):
         raise ValidationFailed([{"field": "Last-Event-ID", "message": "not an event id from this stream"}])
 
     def stream() -> Iterator[str]:
+        try:
+            yield from follow()
+        except redis.exceptions.RedisError as exc:
+            # The headers are gone already: end the stream cleanly and let the client reconnect
+            # with Last-Event-ID (the `retry:` hint) instead of breaking the chunked encoding.
+            log.warning("job events stream ended early: %s", exc, extra={"job_id": job_id})
+
+    def follow() -> Iterator[str]:
         after = last
         if after is None:
             # A new follower starts from the latest snapshot, not from the whole history.
@@ -271,18 +287,29 @@ def job_events(job_id: str):
             if json.loads(data)["state"] in TERMINAL_STATES:
                 return
         yield "retry: 2000\n\n"
+        block_ms = None if job["state"] in TERMINAL_STATES else SSE_KEEPALIVE_MS
         while True:
-            events = store.events(job_id, after, block_ms=SSE_KEEPALIVE_MS)
-            if not events:
-                if store.get(job_id) is None:
-                    return
-                yield ": keep-alive\n\n"
-                continue
+            events = store.events(job_id, after, block_ms=block_ms)
             for event_id, kind, data in events:
                 after = event_id
                 yield _sse(event_id, kind, data)
                 if json.loads(data)["state"] in TERMINAL_STATES:
                     return
+            if events:
+                continue
+            current = store.get(job_id)
+            if current is None:
+                return
+            if current["state"] in TERMINAL_STATES:
+                if block_ms is not None:
+                    block_ms = None  # one more look: its final event may have landed meanwhile
+                    continue
+                # Nothing after `after` although the job has ended (a Last-Event-ID past its end,
+                # or a history already expired): replay the final state rather than wait forever.
+                latest = store.latest_event(job_id)
+                yield _sse(latest[0] if latest else after, "state", json.dumps(current))
+                return
+            yield ": keep-alive\n\n"
 
     resp = Response(stream_with_context(stream()), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache"

@@ -181,7 +181,7 @@ def test_schemathesis_finds_nothing(secured, stack, selection):
         "--checks", "all",
         *selection,
         "--max-examples", os.environ.get("IMAGEPUB_FUZZ_EXAMPLES", "25"),
-        "--seed", "20261127",
+        "--seed", os.environ.get("IMAGEPUB_FUZZ_SEED", "20261127"),
         "--request-timeout", "30",
         "--no-color",
     ]

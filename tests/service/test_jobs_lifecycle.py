@@ -127,6 +127,47 @@ def test_events_of_a_finished_job_replay_its_end_and_close(client, app):
     problem(client.get("/v1/jobs/0190f2a4-0000-7000-8000-000000000000/events"), 404, "job_not_found")
 
 
+@pytest.mark.parametrize("last_event_id", ["nope", "1-2-3", "-1", "0-18446744073709551616", "18446744073709551616", "99999999999999999999-0"])
+def test_events_refuse_a_last_event_id_redis_could_not_read(client, last_event_id):
+    """Out-of-range ids used to reach XREAD after the headers were sent and broke the stream."""
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    body = problem(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": last_event_id}), 422, "validation_failed")
+    assert body["errors"][0]["field"] == "Last-Event-ID"
+
+
+@pytest.mark.parametrize("last_event_id", ["terminal", "18446744073709551615-18446744073709551615", "18446744073709551615"])
+def test_events_resumed_at_or_past_the_end_of_a_finished_job_close_at_once(client, app, last_event_id):
+    store = app.extensions["imagepub"]["store"]
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    job["state"] = "failed"
+    store.save(job, event="state")
+    terminal_id = store.latest_event(job["id"])[0]
+    if last_event_id == "terminal":
+        last_event_id = terminal_id
+    started = time.monotonic()
+    events = parse_sse(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": last_event_id}).get_data(as_text=True))
+    assert [(e["id"], e["data"]["state"]) for e in events] == [(terminal_id, "failed")]
+    assert time.monotonic() - started < 5  # no 15 s wait on a stream that can never grow
+
+
+def test_events_stream_ends_cleanly_when_redis_fails_mid_stream(client, app, monkeypatch):
+    import redis
+
+    store = app.extensions["imagepub"]["store"]
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    job["state"] = "running"
+    store.save(job, event="state")
+
+    def broken(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(store, "events", broken)
+    resp = client.get(f"/v1/jobs/{job['id']}/events")
+    text = resp.get_data(as_text=True)  # raises if the generator does
+    assert resp.status_code == 200
+    assert [e["data"]["state"] for e in parse_sse(text)] == ["running"] and "retry: 2000" in text
+
+
 def test_finished_jobs_expire_after_retention(app, client, redis_client):
     store: JobStore = app.extensions["imagepub"]["store"]
     short = JobStore(store.redis, retention_seconds=1)
