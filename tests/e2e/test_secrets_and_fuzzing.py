@@ -10,6 +10,7 @@ included), API responses, every process's argument list, docker config files.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import redis
 import requests
 
 from service.auth import hash_token
+from service.jobstore import load_record
 from service_process import Service, base_config
 from webhook_receiver import Receiver
 
@@ -92,10 +94,11 @@ def _redis_dump(client: redis.Redis) -> list[tuple[str, bytes]]:
         for value in values:
             blob = value if isinstance(value, bytes) else str(value).encode()
             out.append((name, blob))
+            # finished job records are stored compressed: search what they hold, too
+            if blob.startswith(b"~"):
+                out.append((name + " (expanded record)", json.dumps(load_record(blob.decode())).encode()))
             # Celery messages: a JSON envelope whose body is base64; decode and search that too
             if blob.startswith(b"{") and b'"body"' in blob:
-                import json
-
                 try:
                     out.append((name + " (decoded body)", base64.b64decode(json.loads(blob)["body"])))
                 except (ValueError, KeyError, TypeError):

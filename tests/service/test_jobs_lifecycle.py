@@ -3,6 +3,7 @@ against real Redis (no worker: the jobs stay queued unless a test moves them).""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -167,6 +168,40 @@ def test_events_stream_ends_cleanly_when_redis_fails_mid_stream(client, app, mon
     text = resp.get_data(as_text=True)  # raises if the generator does
     assert resp.status_code == 200
     assert [e["data"]["state"] for e in parse_sse(text)] == ["running"] and "retry: 2000" in text
+
+
+def test_finished_records_are_stored_compact_and_read_back_whole(client, app, redis_client):
+    store = app.extensions["imagepub"]["store"]
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    key = f"imagepub:job:{job['id']}"
+    job["state"] = "running"
+    store.save(job, event="state")
+    assert redis_client.get(key).startswith("{")  # a live record stays plain JSON
+    job["targets"][0].update(
+        state="succeeded", references=["localhost:5000/team/app:latest", "localhost:5000/team/app:1.4.2"],
+        digest="sha256:" + "ab" * 32, size=3_145_728,
+        layers=[{"id": f"{n:012x}", "status": "pushed", "current": None, "total": 1_048_576} for n in range(3)],
+    )
+    job.update(state="succeeded", finished_at=job["updated_at"])
+    assert store.save(job, event="state")
+
+    stored = redis_client.get(key)
+    assert stored.startswith("~1:") and len(stored) < len(json.dumps(job)) / 2
+    # every reader sees the whole record
+    assert client.get(f"/v1/jobs/{job['id']}").get_json() == job
+    assert client.get("/v1/jobs").get_json()["jobs"] == [job]
+    assert parse_sse(client.get(f"/v1/jobs/{job['id']}/events").get_data(as_text=True))[-1]["data"] == job
+    problem(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+    # and a late write (a worker that lost the race) still cannot change it
+    assert store.save({**job, "state": "running"}, event="state") is False
+    assert client.get(f"/v1/jobs/{job['id']}").get_json() == job
+
+    # a job cancelled before it ran is finished too
+    queued = client.post("/v1/pull", json={"registry": "local", "repository": "team/app"}).get_json()
+    cancelled = client.post(f"/v1/jobs/{queued['id']}/cancel").get_json()
+    assert cancelled["state"] == "cancelled"
+    assert redis_client.get(f"imagepub:job:{queued['id']}").startswith("~1:")
+    assert client.get(f"/v1/jobs/{queued['id']}").get_json() == cancelled
 
 
 def test_finished_jobs_expire_after_retention(app, client, redis_client):
