@@ -77,13 +77,17 @@ class JobQueue:
         task_id = str(uuid.uuid4())
         headers, properties, body, _ = self.celery.amqp.as_task_v2(
             task_id, RUN_JOB, args=[job_id], kwargs={}, ignore_result=True, origin=self._origin,
+            argsrepr=f"[{job_id!r}]", kwargsrepr="{}",  # what saferepr() would say, without its cost
+            reply_to=self.celery.thread_oid,
         )
         properties.update(
             delivery_mode=2,
             priority=0,
             body_encoding="base64",
             delivery_tag=str(uuid.uuid4()),
-            delivery_info={"exchange": JOBS_QUEUE, "routing_key": JOBS_QUEUE},
+            # the default exchange, as Celery routes it: kombu restores an unacknowledged
+            # message (a worker's warm shutdown) by this exchange and routing key
+            delivery_info={"exchange": "", "routing_key": JOBS_QUEUE},
         )
         return json.dumps({
             "body": base64.b64encode(json.dumps(body).encode()).decode(),
