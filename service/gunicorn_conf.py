@@ -1,6 +1,7 @@
 """gunicorn settings for ``imagepub serve`` (command-line flags and GUNICORN_CMD_ARGS override them)."""
 
 import multiprocessing
+import os
 
 workers = min(2 * multiprocessing.cpu_count() + 1, 9)
 worker_class = "gthread"
@@ -11,8 +12,10 @@ keepalive = 5
 # Long enough for any cursor the API accepts, so an over-long one gets a problem+json 422 from
 # the app rather than a bare 414 from gunicorn.
 limit_request_line = 8190
-# gunicorn's control socket defaults to $HOME, which is read-only in the image: keep it in /tmp.
-control_socket = "/tmp/imagepub-gunicorn.ctl"
+# gunicorn's control socket (for `gunicornc`) defaults to $HOME, which is read-only in the image:
+# keep it in /tmp, one per server (this file is read by the arbiter), so that two servers on one
+# host never take each other's socket.
+control_socket = f"/tmp/imagepub-gunicorn-{os.getpid()}.ctl"
 # Logs go to stderr as JSON lines: the access log included.
 accesslog = "-"
 errorlog = "-"
