@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 import yaml
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         "spec": deployment_spec(settings),
         # marshmallow schemas are reusable and thread-safe for load(): build them once
         "schemas": {"publish": PublishSchema(limits=settings.limits), "pull": PullSchema()},
+        "event_streams": threading.BoundedSemaphore(settings.limits.event_streams_per_process),
     }
     app.register_error_handler(ImagepubError, _render_imagepub_error)
     app.register_error_handler(HTTPException, _render_http_error)

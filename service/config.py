@@ -97,6 +97,10 @@ class Limits:
     max_queued_jobs: int = 10_000
     default_rate_limit: str | None = None
     max_context_bytes: int = 50 * 1024 * 1024
+    # Live event streams one API process serves at once. Each holds one of its threads for as
+    # long as the job runs (gunicorn gthread: 4 per process), so the rest stay free for every
+    # other request; followers beyond it get 503 and poll (the CLI does so by itself).
+    event_streams_per_process: int = 2
 
 
 SCOPES = ("publish", "pull", "build", "read", "admin")
@@ -233,6 +237,7 @@ class _LimitsSchema(Schema):
     max_queued_jobs = fields.Integer(load_default=Limits.max_queued_jobs, validate=validate.Range(min=1))
     default_rate_limit = fields.String(load_default=None)
     max_context_bytes = fields.Integer(load_default=Limits.max_context_bytes, validate=validate.Range(min=1024, max=512 * 1024 * 1024))
+    event_streams_per_process = fields.Integer(load_default=Limits.event_streams_per_process, validate=validate.Range(min=1, max=1000))
 
 
 class _ClientSchema(Schema):

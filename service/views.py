@@ -261,6 +261,16 @@ def job_events(job_id: str):
     if last is not None and not EVENT_ID.fullmatch(last):
         raise ValidationFailed([{"field": "Last-Event-ID", "message": "not an event id from this stream"}])
 
+    # A job that has ended replays its end at once; only a live stream holds a thread for long.
+    slots = None if job["state"] in TERMINAL_STATES else ctx()["event_streams"]
+    if slots is not None and not slots.acquire(blocking=False):
+        exc = ServiceUnavailable(
+            "this API process is serving as many live event streams as it may; "
+            f"poll GET /v1/jobs/{job_id} meanwhile, or try again shortly", code="too_many_streams"
+        )
+        exc.headers = {"Retry-After": "5"}
+        raise exc
+
     def stream() -> Iterator[str]:
         try:
             yield from follow()
@@ -306,7 +316,14 @@ def job_events(job_id: str):
                 return
             yield ": keep-alive\n\n"
 
-    resp = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    try:
+        resp = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    except BaseException:
+        if slots is not None:
+            slots.release()
+        raise
+    if slots is not None:
+        resp.call_on_close(slots.release)  # when the server is done with the response, however it ended
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp

@@ -321,6 +321,29 @@ def test_wait_polls_when_there_is_no_events_endpoint(api, capsys):
     assert sum(c["path"] == f"/v1/jobs/{JOB_ID}" for c in api.calls) == 3
 
 
+def test_wait_polls_when_the_api_has_no_stream_to_spare(api, capsys):
+    answers = iter([make_job("running", attempts=1)])
+
+    @api.app.post("/v1/publish")
+    def publish():
+        return jsonify(make_job()), 202
+
+    @api.app.get("/v1/jobs/<job_id>/events")
+    def events(job_id):
+        problem = {"type": "/problems/too_many_streams", "title": "Service unavailable", "status": 503,
+                   "code": "too_many_streams", "detail": f"poll GET /v1/jobs/{job_id} meanwhile"}
+        return Response(json.dumps(problem), status=503, mimetype="application/problem+json", headers={"Retry-After": "5"})
+
+    @api.app.get("/v1/jobs/<job_id>")
+    def get_job(job_id):
+        return jsonify(next(answers, succeeded_job()))
+
+    assert run(api, "publish", "app:1", "--to", "local/team/app:1.0", "--wait") == cli.EXIT_OK
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"pushed localhost:5000/team/app:1.0 {DIGEST} (192.0 KiB)")
+    assert sum(c["path"] == f"/v1/jobs/{JOB_ID}/events" for c in api.calls) == 1
+    assert sum(c["path"] == f"/v1/jobs/{JOB_ID}" for c in api.calls) == 2
+
+
 def test_json_wait_prints_one_document_and_cancelled_exits_3(api, capsys):
     @api.app.get("/v1/jobs/<job_id>/events")
     def events(job_id):

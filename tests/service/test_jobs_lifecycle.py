@@ -170,6 +170,39 @@ def test_events_stream_ends_cleanly_when_redis_fails_mid_stream(client, app, mon
     assert [e["data"]["state"] for e in parse_sse(text)] == ["running"] and "retry: 2000" in text
 
 
+def test_live_event_streams_per_process_are_bounded(settings, redis_client):
+    """A crowd of followers cannot take every thread of an API process: beyond the limit they
+    get 503 too_many_streams (and poll); a finished job's replay needs no slot; a slot comes
+    back when its stream is closed, however it ended."""
+    from dataclasses import replace
+
+    from service.app import create_app
+
+    app = create_app(replace(settings, limits=replace(settings.limits, event_streams_per_process=1)))
+    raw = app.test_client()
+    client = CheckedClient(app.test_client(), headers=bearer("admin"))
+    running = client.post("/v1/publish", json=GOOD).get_json()
+    running["state"] = "running"
+    app.extensions["imagepub"]["store"].save(running, event="state")
+    done = client.post("/v1/publish", json=GOOD).get_json()
+    done["state"] = "succeeded"
+    app.extensions["imagepub"]["store"].save(done, event="state")
+
+    first = raw.get(f"/v1/jobs/{running['id']}/events", headers=bearer("admin"), buffered=False)
+    assert first.status_code == 200 and first.mimetype == "text/event-stream"
+    crowded = client.get(f"/v1/jobs/{running['id']}/events")
+    body = problem(crowded, 503, "too_many_streams")
+    assert crowded.headers["Retry-After"] == "5" and f"GET /v1/jobs/{running['id']}" in body["detail"]
+    # the job itself stays readable, and a finished job's replay does not wait for a slot
+    assert client.get(f"/v1/jobs/{running['id']}").status_code == 200
+    assert [e["data"]["state"] for e in parse_sse(client.get(f"/v1/jobs/{done['id']}/events").get_data(as_text=True))] == ["succeeded"]
+
+    first.close()  # the follower goes away: its slot is free again
+    again = raw.get(f"/v1/jobs/{running['id']}/events", headers=bearer("admin"), buffered=False)
+    assert again.status_code == 200
+    again.close()
+
+
 def test_finished_records_are_stored_compact_and_read_back_whole(client, app, redis_client):
     store = app.extensions["imagepub"]["store"]
     job = client.post("/v1/publish", json=GOOD).get_json()
