@@ -28,3 +28,21 @@ def test_job_message_matches_what_celery_sends(settings, redis_client):
     celerys = redis_client.lpop(JOBS_QUEUE)
     assert celerys is not None and redis_client.llen(JOBS_QUEUE) == 0
     assert _comparable(queue.message(job_id)) == _comparable(celerys)
+
+
+def test_an_unacknowledged_job_message_is_restored_to_the_jobs_queue(settings, redis_client):
+    """kombu puts a message a consumer took but never acknowledged (a worker's warm shutdown, an
+    expired visibility timeout) back by its delivery_info: it must land on the jobs queue again,
+    not in kombu's dead-letter queue."""
+    queue = JobQueue.from_config(settings)
+    job_id = new_job_id()
+    redis_client.lpush(JOBS_QUEUE, queue.message(job_id))
+    with queue.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        taken = channel.basic_get(JOBS_QUEUE, no_ack=False)
+        assert taken is not None and taken.payload == [[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        assert redis_client.llen(JOBS_QUEUE) == 0
+        channel.qos.restore_unacked()
+    assert redis_client.llen(JOBS_QUEUE) == 1
+    assert json.loads(base64.b64decode(json.loads(redis_client.lindex(JOBS_QUEUE, 0))["body"]))[0] == [job_id]
+    assert not [key for key in redis_client.keys("*") if "undeliver" in key]
