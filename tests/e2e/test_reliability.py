@@ -16,6 +16,7 @@ import pytest
 import redis
 import requests
 
+from service.client import ImagepubClient
 from service_process import Service, base_config
 from webhook_receiver import Receiver
 from helpers import parse_sse
@@ -105,15 +106,38 @@ def test_redis_restart_loses_nothing(resilient, stack, r, image, unique):
         done = api.wait(job["id"], timeout=60)
         assert done["state"] == "succeeded", done
 
-    # and a job that is running while Redis restarts under it
+    # and a job that is running while Redis restarts under it, followed live meanwhile: the raw
+    # stream ends cleanly (no broken chunked body), and the CLI's client resumes to the end
     lock = hold_reference(r, stack, f"restart-{unique}", "live")
     job = publish_local(api, image, f"restart-{unique}", tag="live")
     api.wait(job["id"], states={"running"}, timeout=30)
+    raw, followed = {}, []
+
+    def follow_raw():
+        try:
+            with requests.get(f"{api.base_url}/v1/jobs/{job['id']}/events", stream=True, timeout=60) as resp:
+                raw["events"] = parse_sse(resp.content.decode())
+        except requests.RequestException as exc:
+            raw["error"] = exc
+
+    def follow_like_the_cli():
+        followed.extend(ImagepubClient(api.base_url).follow(job["id"], timeout=90))
+
+    followers = [threading.Thread(target=follow_raw), threading.Thread(target=follow_like_the_cli)]
+    for follower in followers:
+        follower.start()
+    time.sleep(0.5)  # both streams are open and waiting
     stack.restart_redis()
+    for follower in followers[:1]:
+        follower.join(60)
+    assert "error" not in raw, raw
+    assert raw["events"][0]["data"]["state"] == "running"
     r.delete(lock)
     done = api.wait(job["id"], timeout=60)
     assert done["state"] == "succeeded", done
     assert stack.registry_digest(stack.registry, f"restart-{unique}", "live") == done["targets"][0]["digest"]
+    followers[1].join(60)
+    assert followed and followed[-1]["state"] == "succeeded" and followed[-1]["targets"][0]["digest"] == done["targets"][0]["digest"]
 
 
 def test_cancel_running_job_stops_it(resilient, stack, r, image, unique):
