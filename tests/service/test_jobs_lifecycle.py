@@ -152,16 +152,6 @@ def test_events_resumed_at_or_past_the_end_of_a_finished_job_close_at_once(clien
     assert time.monotonic() - started < 5  # no 15 s wait on a stream that can never grow
 
 
-def broken(*args, **kwargs):
-        raise redis.exceptions.ConnectionError("Connection closed by server.")
-
-    monkeypatch.setattr(store, "events", broken)
-    resp = client.get(f"/v1/jobs/{job['id']}/events")
-    text = resp.get_data(as_text=True)  # raises if the generator does
-    assert resp.status_code == 200
-    assert [e["data"]["state"] for e in parse_sse(text)] == ["running"] and "retry: 2000" in text
-
-
 def test_live_event_streams_per_process_are_bounded(settings, redis_client):
     """A crowd of followers cannot take every thread of an API process: beyond the limit they
     get 503 too_many_streams (and poll); a finished job's replay needs no slot; a slot comes
