@@ -94,6 +94,11 @@ class ServiceUnavailable(ImagepubError):
     code, status, title = "service_unavailable", 503, "Service unavailable"
     transient = True
 
+    def __init__(self, message: str | None = None, *, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message, code=code)
+        if retry_after is not None:
+            self.headers = {"Retry-After": str(retry_after)}
+
 
 # --- job failures (worker) --------------------------------------------------------------------
 

@@ -103,11 +103,9 @@ def _replay(store, bound_id: str, bound_hash: str, request_hash: str) -> Respons
 
 def _check_queue_depth(store, settings) -> None:
     if store.queue_depth() >= settings.limits.max_queued_jobs:
-        exc = ServiceUnavailable(
-            f"{settings.limits.max_queued_jobs} jobs are already waiting; try again shortly", code="queue_full"
+        raise ServiceUnavailable(
+            f"{settings.limits.max_queued_jobs} jobs are already waiting; try again shortly", code="queue_full", retry_after=30
         )
-        exc.headers = {"Retry-After": "30"}
-        raise exc
 
 
 def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None) -> Response:
@@ -264,12 +262,10 @@ def job_events(job_id: str):
     # A job that has ended replays its end at once; only a live stream holds a thread for long.
     slots = None if job["state"] in TERMINAL_STATES else ctx()["event_streams"]
     if slots is not None and not slots.acquire(blocking=False):
-        exc = ServiceUnavailable(
+        raise ServiceUnavailable(
             "this API process is serving as many live event streams as it may; "
-            f"poll GET /v1/jobs/{job_id} meanwhile, or try again shortly", code="too_many_streams"
+            f"poll GET /v1/jobs/{job_id} meanwhile, or try again shortly", code="too_many_streams", retry_after=5
         )
-        exc.headers = {"Retry-After": "5"}
-        raise exc
 
     def stream() -> Iterator[str]:
         try:
