@@ -68,14 +68,19 @@ def _check_callback(data: dict[str, Any]) -> None:
         raise ValidationFailed([{"field": "callback_url", "message": str(exc)}], code="callback_url_forbidden") from None
 
 
-def _check_targets(client, data: dict[str, Any]) -> None:
-    """Everything a publish or build must pass before it is stored: the client's repository
-    patterns, configured registries, ECR's name grammar, the callback URL."""
-    targets = list(enumerate(data["targets"]))
-    require_repositories(client, [(f"targets.{i}.repository", t["repository"]) for i, t in targets])
-    _check_registries([(f"targets.{i}.registry", t["registry"]) for i, t in targets])
-    _check_ecr_names([(f"targets.{i}.repository", t["registry"], t["repository"]) for i, t in targets])
+def _check_places(client, data: dict[str, Any], places: list[tuple[str, str, str]]) -> None:
+    """Everything a job must pass before it is stored, for each (field prefix, registry,
+    repository) it names: the client's repository patterns, configured registries, ECR's name
+    grammar; and its callback URL."""
+    require_repositories(client, [(f"{prefix}repository", repository) for prefix, _, repository in places])
+    _check_registries([(f"{prefix}registry", registry) for prefix, registry, _ in places])
+    _check_ecr_names([(f"{prefix}repository", registry, repository) for prefix, registry, repository in places])
     _check_callback(data)
+
+
+def _check_targets(client, data: dict[str, Any]) -> None:
+    """A publish or a build: every target."""
+    _check_places(client, data, [(f"targets.{i}.", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])])
 
 
 def _accepted(job: dict[str, Any], replayed: bool = False, record: str | None = None) -> Response:
@@ -156,10 +161,7 @@ def publish():
 def pull():
     client = require_scope("pull")
     data = load(ctx()["schemas"]["pull"], json_body())
-    require_repositories(client, [("repository", data["repository"])])
-    _check_registries([("registry", data["registry"])])
-    _check_ecr_names([("repository", data["registry"], data["repository"])])
-    _check_callback(data)
+    _check_places(client, data, [("", data["registry"], data["repository"])])
     return _submit("pull", data)
 
 
