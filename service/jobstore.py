@@ -43,6 +43,7 @@ import redis
 
 from .metrics import KEY as METRICS_KEY
 from .metrics import Metrics, metric_field
+from .queue import JOBS_QUEUE
 
 KINDS = ("publish", "pull", "build")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -225,7 +226,7 @@ class JobStore:
         one atomic script, one round trip. Returns the stored JSON."""
         record = _dumps(job)
         self._create(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), "imagepub.jobs", *self._indexes(job)],
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), JOBS_QUEUE, *self._indexes(job)],
             args=[record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or ""],
         )
         return record
@@ -340,7 +341,7 @@ class JobStore:
         every ``max_age`` seconds per process: a cap needs no exact count on every request."""
         now = time.monotonic()
         if now - self._depth_read_at > max_age:
-            self._depth, self._depth_read_at = self.redis.llen("imagepub.jobs"), now
+            self._depth, self._depth_read_at = self.redis.llen(JOBS_QUEUE), now
         return self._depth
 
     def ping(self) -> bool:

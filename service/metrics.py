@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .queue import JOBS_QUEUE
+
 KEY = "imagepub:metrics"
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 
@@ -108,7 +110,7 @@ def render(redis, store) -> bytes:
     """The Prometheus text exposition of every counter, plus gauges read now."""
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(KEY)
-    pipe.llen("imagepub.jobs")
+    pipe.llen(JOBS_QUEUE)
     states = ("queued", "running", "retrying")
     for state in states:
         pipe.zcard(f"{store.prefix}jobs:state:{state}")
