@@ -198,6 +198,11 @@ class JobStore:
     def cancel_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:cancel"
 
+    def job_lock_key(self, job_id: str) -> str:
+        """The lock a running job's worker holds (and keeps alive); the supervisor takes a
+        running job without one for an orphan."""
+        return f"{self.prefix}lock:job:{job_id}"
+
     def idempotency_key(self, client: str, key: str) -> str:
         return f"{self.prefix}idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
 

@@ -50,7 +50,7 @@ class Guard:
     def __init__(self, deps: Deps, job_id: str):
         self.deps, self.job_id = deps, job_id
         ttl = deps.settings.recovery.lock_ttl_seconds
-        self.lock = deps.redis.lock(f"imagepub:lock:job:{job_id}", timeout=ttl, thread_local=False)
+        self.lock = deps.redis.lock(deps.store.job_lock_key(job_id), timeout=ttl, thread_local=False)
         self.cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"guard-{job_id[:8]}", daemon=True)

@@ -96,7 +96,7 @@ class Supervisor:
             return []
         pipe = self.store.redis.pipeline(transaction=False)
         for job_id in running:
-            pipe.exists(f"imagepub:lock:job:{job_id}")
+            pipe.exists(self.store.job_lock_key(job_id))
         orphans = [job_id for job_id, locked in zip(running, pipe.execute()) if not locked]
         for job_id in orphans:
             log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
