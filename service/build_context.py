@@ -35,9 +35,14 @@ def _inside(path: str) -> str | None:
     return "/".join(parts)
 
 
-def check_context(data: bytes, dockerfile: str, *, max_unpacked_bytes: int) -> bool:
+# A context may unpack to this many times the largest upload allowed (limits.max_context_bytes).
+UNPACKED_PER_UPLOADED = 4
+
+
+def check_context(data: bytes, dockerfile: str, *, max_context_bytes: int) -> bool:
     """Raise :class:`ContextRefused` unless ``data`` is a safe build context holding
     ``dockerfile``. Returns True when it is gzip-compressed."""
+    max_unpacked_bytes = UNPACKED_PER_UPLOADED * max_context_bytes
     compressed = data[:2] == b"\x1f\x8b"
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if compressed else "r:")

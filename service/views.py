@@ -190,7 +190,7 @@ def build():
     if len(archive) > settings.limits.max_context_bytes:
         raise PayloadTooLarge(f"the build context is larger than {settings.limits.max_context_bytes} bytes", code="context_too_large")
     try:
-        check_context(archive, data["dockerfile"], max_unpacked_bytes=4 * settings.limits.max_context_bytes)
+        check_context(archive, data["dockerfile"], max_context_bytes=settings.limits.max_context_bytes)
     except ContextRefused as exc:
         raise ValidationFailed([{"field": "context", "message": str(exc)}], code="invalid_context") from None
     return _submit("build", data, context=archive)
