@@ -53,6 +53,8 @@ EVENTS_MAXLEN = 2000
 # resumptions; afterwards its events endpoint replays the record itself. The record lives for
 # the whole retention period: the history would be most of a finished job's memory.
 EVENTS_AFTER_END_SECONDS = 3600
+# A worker whose heartbeat (every 10 s) is older than this is not counted as alive.
+WORKER_HEARTBEAT_MAX_AGE = 30.0
 
 # KEYS: job, events, idempotency key (or a dummy). ARGV: record, new state, kind, prefix, id,
 # event type, ttl of a finished job, client, ttl of a finished job's events, the value to store
@@ -206,7 +208,7 @@ class JobStore:
     def idempotency_key(self, client: str, key: str) -> str:
         return f"{self.prefix}idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def _index(self, *, client: str | None = None, state: str | None = None, kind: str | None = None) -> str:
+    def index_key(self, *, client: str | None = None, state: str | None = None, kind: str | None = None) -> str:
         key = f"{self.prefix}jobs" + (f":client:{client}" if client is not None else "")
         if kind:
             key += f":kind:{kind}"
@@ -218,7 +220,7 @@ class JobStore:
         """Every index a job belongs to (with ``state``, when given, in place of its own)."""
         state = state or job["state"]
         return [
-            self._index(client=owner, state=s, kind=k)
+            self.index_key(client=owner, state=s, kind=k)
             for owner in (None, job.get("client") or "")
             for s in (None, state)
             for k in (None, job["kind"])
@@ -274,7 +276,7 @@ class JobStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """A page of jobs (of one client, or of all), newest first, and the cursor of the next
         page (None on the last)."""
-        index = self._index(client=client, state=state, kind=kind)
+        index = self.index_key(client=client, state=state, kind=kind)
         jobs: list[dict[str, Any]] = []
         upper = f"({cursor}" if cursor else "+"
         while True:
@@ -299,13 +301,13 @@ class JobStore:
     def _unindex(self, ids: list[str], client: str | None) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for owner in {None, client}:
-            pipe.zrem(self._index(client=owner), *ids)
+            pipe.zrem(self.index_key(client=owner), *ids)
             for state in STATES:
-                pipe.zrem(self._index(client=owner, state=state), *ids)
+                pipe.zrem(self.index_key(client=owner, state=state), *ids)
             for kind in KINDS:
-                pipe.zrem(self._index(client=owner, kind=kind), *ids)
+                pipe.zrem(self.index_key(client=owner, kind=kind), *ids)
                 for state in STATES:
-                    pipe.zrem(self._index(client=owner, state=state, kind=kind), *ids)
+                    pipe.zrem(self.index_key(client=owner, state=state, kind=kind), *ids)
         pipe.execute()
 
     def delete(self, job: dict[str, Any]) -> None:
@@ -316,7 +318,7 @@ class JobStore:
         pipe.execute()
 
     def running_ids(self) -> list[str]:
-        return self.redis.zrange(self._index(state="running"), 0, -1)
+        return self.redis.zrange(self.index_key(state="running"), 0, -1)
 
     # --- build contexts, from the API to whichever worker runs the build ---
 
@@ -445,7 +447,7 @@ class JobStore:
     def heartbeat(self, worker: str) -> None:
         self.redis.zadd(f"{self.prefix}workers", {worker: time.time()})
 
-    def live_workers(self, max_age: float) -> list[str]:
+    def live_workers(self, max_age: float = WORKER_HEARTBEAT_MAX_AGE) -> list[str]:
         now = time.time()
         key = f"{self.prefix}workers"
         pipe = self.redis.pipeline()

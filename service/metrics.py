@@ -106,20 +106,23 @@ class _Collector:
         yield from self.gauges
 
 
-def render(redis, store) -> bytes:
+def render(store) -> bytes:
     """The Prometheus text exposition of every counter, plus gauges read now."""
-    pipe = redis.pipeline(transaction=False)
+    from .jobstore import WORKER_HEARTBEAT_MAX_AGE  # the store imports this module
+
+    pipe = store.redis.pipeline(transaction=False)
     pipe.hgetall(KEY)
     pipe.llen(JOBS_QUEUE)
     states = ("queued", "running", "retrying")
     for state in states:
-        pipe.zcard(f"{store.prefix}jobs:state:{state}")
+        pipe.zcard(store.index_key(state=state))
     values, depth, *per_state = pipe.execute()
     queue = GaugeMetricFamily("imagepub_queue_depth", "Job messages waiting for a worker.", value=depth)
     active = GaugeMetricFamily("imagepub_jobs_active", "Unfinished jobs, by state.", labels=["state"])
     for state, count in zip(states, per_state):
         active.add_metric([state], count)
-    workers = GaugeMetricFamily("imagepub_workers_alive", "Workers with a heartbeat in the last 30 s.", value=len(store.live_workers(30)))
+    workers = GaugeMetricFamily("imagepub_workers_alive", f"Workers with a heartbeat in the last {WORKER_HEARTBEAT_MAX_AGE:.0f} s.",
+                                value=len(store.live_workers()))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(values, [queue, active, workers]))
     return generate_latest(registry)

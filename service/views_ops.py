@@ -9,11 +9,10 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .http import ctx
+from .jobstore import WORKER_HEARTBEAT_MAX_AGE
 from .metrics import render
 
 ops = Blueprint("ops", __name__)
-
-WORKER_HEARTBEAT_MAX_AGE = 30.0
 
 
 @ops.get("/healthz")
@@ -31,7 +30,7 @@ def readyz():
     except Exception as exc:
         checks["redis"] = {"ok": False, "detail": f"Redis does not answer ({exc.__class__.__name__})"}
     if checks["redis"]["ok"]:
-        workers = store.live_workers(WORKER_HEARTBEAT_MAX_AGE)
+        workers = store.live_workers()
         checks["workers"] = {"ok": bool(workers), "live": len(workers)}
         if not workers:
             checks["workers"]["detail"] = f"no worker heartbeat in the last {WORKER_HEARTBEAT_MAX_AGE:.0f} s"
@@ -45,8 +44,7 @@ def readyz():
 
 @ops.get("/metrics")
 def metrics():
-    store = ctx()["store"]
-    return Response(render(store.redis, store), mimetype=CONTENT_TYPE_LATEST)
+    return Response(render(ctx()["store"]), mimetype=CONTENT_TYPE_LATEST)
 
 
 @ops.get("/openapi.yaml")

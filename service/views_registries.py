@@ -24,8 +24,6 @@ def list_registries():
     return jsonify({"registries": [r.public() for r in configured]})
 
 
-
-
 def _registry(name: str):
     registry = ctx()["settings"].registries.get(name)
     if registry is None:
