@@ -19,6 +19,7 @@ from .errors import ImagepubError
 from .jobstore import JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
+from .http import BoundedRequest
 from .queue import JobQueue
 from .schemas import PublishSchema, PullSchema
 
@@ -47,6 +48,7 @@ def _render_http_error(exc: HTTPException) -> Response:
     codes = {
         404: "not_found",
         405: "method_not_allowed",
+        408: "request_timeout",
         413: "payload_too_large",
         429: "too_many_requests",
         415: "unsupported_media_type",
@@ -101,6 +103,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     settings = settings or config_module.load()
     queue = queue or JobQueue.from_config(settings)
     app = Flask(__name__)
+    app.request_class = BoundedRequest  # bodies refused past the limit however framed (chunked too)
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
     app.json.sort_keys = False
     app.extensions["imagepub"] = {

@@ -38,6 +38,10 @@ class ImagepubError(Exception):
 class BadRequest(ImagepubError):
     code, status, title = "bad_request", 400, "Bad request"
 
+    def __init__(self, message: str | None = None, *, code: str | None = None, errors: list[dict[str, str]] | None = None):
+        super().__init__(message, code=code)
+        self.errors = errors  # the body or part that could not be read, when there is one
+
 
 class ValidationFailed(ImagepubError):
     """The request body or parameters break the contract; ``errors`` names each field."""

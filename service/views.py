@@ -18,8 +18,8 @@ from marshmallow import ValidationError
 from .auth import current_client, is_admin, require_repositories, require_scope
 from .callbacks import CallbackRefused, check_callback_url
 from .build_context import ContextRefused, check_context
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
-from .http import ctx, json_body, load, load_query
+from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .jobstore import TERMINAL_STATES, is_job_id
 from .schemas import BuildSchema, JobListQuery, ecr_repository
@@ -180,11 +180,7 @@ def build():
     missing = [name for name, part in (("request", form_request), ("context", context)) if part is None]
     if missing:
         raise ValidationFailed([{"field": name, "message": "missing part"} for name in missing])
-    try:
-        body = json.loads(form_request)
-    except ValueError:
-        raise BadRequest("the `request` part is not valid JSON", code="invalid_json") from None
-    data = load(BuildSchema(limits=settings.limits), body)
+    data = load(BuildSchema(limits=settings.limits), parse_json(form_request, "request"))
     _check_targets(client, data)
     archive = context.read()
     if len(archive) > settings.limits.max_context_bytes:
