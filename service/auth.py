@@ -4,7 +4,8 @@ Clients present ``Authorization: Bearer <token>``; the configuration holds only 
 each token. The presented token's hash is compared with every client's in constant time, so
 neither timing nor an early exit tells a caller how close a guess came. Scopes say what a
 client may do (publish, pull, build, read, admin); glob patterns say on which repositories
-(``team-a/*``). Admin may do everything and sees every job; others see only their own.
+(``team-a/*``), for targets and sources alike (the rules themselves: ``service/access.py``).
+Admin may do everything and sees every job; others see only their own.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import hashlib
 import hmac
 import logging
 import secrets
-from fnmatch import fnmatchcase
 
 from flask import g, request
 
-from .config import SCOPES, Client, ConfigError, Settings
+from . import sources
+from .access import ANONYMOUS, is_admin, may_use_image_name, may_use_repository  # noqa: F401 - the API's names for them
+from .config import Client, ConfigError, Settings
 from .errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 
-ANONYMOUS = Client(name="anonymous", token_sha256="", scopes=frozenset(SCOPES), repositories=("*",))
 TOKEN_PREFIX = "imp_"
 
 
@@ -76,10 +77,6 @@ def require_scope(scope: str) -> Client:
     return client
 
 
-def may_use_repository(client: Client, repository: str) -> bool:
-    return "admin" in client.scopes or any(fnmatchcase(repository, pattern) for pattern in client.repositories)
-
-
 def require_repositories(client: Client, repositories: list[tuple[str, str]]) -> None:
     """Every (field, repository) must match one of the client's patterns; else 403 naming them."""
     refused = [
@@ -93,8 +90,17 @@ def require_repositories(client: Client, repositories: list[tuple[str, str]]) ->
         )
 
 
-def is_admin(client: Client) -> bool:
-    return "admin" in client.scopes
+def require_source(client: Client, source: str) -> None:
+    """A publish's source is authorised like a target, by the repository it names (403 naming
+    ``source``), so that no client publishes another's image. An image id names none: the
+    worker checks the image it resolves to (workers/publish.py)."""
+    if sources.is_image_id(source) or may_use_image_name(client, source):
+        return
+    name = sources.parse(source)
+    raise Forbidden(
+        "not allowed on repositories: source",
+        errors=[{"field": "source", "message": f"client {client.name!r} may not publish from repository {name.repository!r}"}],
+    )
 
 
 def authenticate_request(authenticator: Authenticator) -> None:

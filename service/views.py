@@ -15,7 +15,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from marshmallow import ValidationError
 
-from .auth import current_client, is_admin, require_repositories, require_scope
+from .auth import current_client, is_admin, require_repositories, require_scope, require_source
 from .callbacks import CallbackRefused, check_callback_url
 from .build_context import ContextRefused, check_context
 from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
@@ -153,6 +153,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
 def publish():
     client = require_scope("publish")
     data = load(ctx()["schemas"]["publish"], json_body())
+    require_source(client, data["source"])
     _check_targets(client, data)
     return _submit("publish", data)
 

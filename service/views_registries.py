@@ -11,7 +11,8 @@ from marshmallow import ValidationError
 
 from . import control, schemas
 from .errors import NotFound, ValidationFailed
-from .auth import may_use_repository, require_repositories, require_scope
+from .access import image_for
+from .auth import is_admin, may_use_repository, require_repositories, require_scope
 from .http import ctx, json_body, load, load_query
 
 registries = Blueprint("registries", __name__)
@@ -88,7 +89,13 @@ def describe_repository(registry: str, repository: str):
 
 @registries.get("/v1/images")
 def list_daemon_images():
-    """``docker image ls`` of a worker's daemon (answered by whichever worker takes the call)."""
-    require_scope("read")
+    """``docker image ls`` of a worker's daemon (answered by whichever worker takes the call).
+    The daemon is shared by every client: a client sees only images with a name in its
+    repositories, and only those names (service/access.py); the worker's host name is for
+    admins. Filtered here, where the client is known."""
+    client = require_scope("read")
     query = load_query(schemas.DaemonImagesQuery())
-    return jsonify(ctx()["control"].call(control.LIST_DAEMON_IMAGES, query.get("reference")))
+    answer = ctx()["control"].call(control.LIST_DAEMON_IMAGES, query.get("reference"))
+    if is_admin(client):
+        return jsonify(answer)
+    return jsonify({"images": [shown for image in answer["images"] if (shown := image_for(client, image)) is not None]})

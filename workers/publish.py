@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from service import errors
+from service.access import client_named, may_publish_image
 
 from .docker_engine import DockerEngine, ImageInfo
 from .registries import Target
@@ -113,8 +114,22 @@ def _push_tag(engine: DockerEngine, target: Target, image: ImageInfo, repository
             engine.untag(reference)
 
 
+def authorise_source(job: dict[str, Any], settings, image: ImageInfo) -> None:
+    """The image the source resolved to must be one the job's client may publish: checked here,
+    where it is resolved, because an image id (or a prefix of one) names no repository the API
+    could check. What is pushed is this very image (by its id), so nothing can change between
+    this check and the push."""
+    client = client_named(settings, job.get("client"))
+    if client is None or not may_publish_image(client, image.repo_tags + image.repo_digests):
+        raise errors.Forbidden(
+            f"client {job.get('client')!r} may not publish {job['request']['source']!r}: "
+            "the image has no name in the client's repositories"
+        )
+
+
 def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
     image = deps.engine.inspect(job["request"]["source"])
+    authorise_source(job, deps.settings, image)
     job["source_image_id"] = image.id
     push_targets(job, deps, progress, image, prepare_targets(job, deps, progress))
 

@@ -60,7 +60,7 @@ def test_scopes(as_client, redis_client):
 
 
 def test_repository_patterns_checked_for_every_target_before_anything_is_stored(as_client, redis_client):
-    body = {"source": "a:b", "targets": [
+    body = {"source": "team/a:b", "targets": [
         {"registry": "local", "repository": "team/app", "tags": ["1"]},
         {"registry": "local", "repository": "other/app", "tags": ["1"]},
         {"registry": "local", "repository": "team", "tags": ["1"]},
@@ -150,5 +150,5 @@ def test_token_new_prints_a_token_and_an_entry_that_accepts_it(redis_url):
     assert token not in yaml.safe_dump(entry)
     settings = parse({"clients": entry}, {"IMAGEPUB_REDIS_URL": redis_url})
     client = CheckedClient(create_app(settings).test_client(), headers={"Authorization": f"Bearer {token}"})
-    assert client.post("/v1/publish", json={**GOOD, "targets": [{"registry": "x", "repository": "team-a/app", "tags": ["1"]}]}).status_code == 422  # authenticated; x is unknown
+    assert client.post("/v1/publish", json={"source": "team-a/app:1", "targets": [{"registry": "x", "repository": "team-a/app", "tags": ["1"]}]}).status_code == 422  # authenticated; x is unknown
     problem(client.post("/v1/pull", json={"registry": "x", "repository": "team-a/app"}), 403, "forbidden")
