@@ -38,7 +38,9 @@ def may_use_image_name(client: Client, reference: str) -> bool:
     if is_admin(client):
         return True
     name = sources.parse(reference)
-    return name is not None and name.repository not in RESERVED_REPOSITORIES and may_use_repository(client, name.repository)
+    if name is None or name.repository in RESERVED_REPOSITORIES:
+        return False
+    return any(may_use_repository(client, spelling) for spelling in name.spellings)
 
 
 def may_publish_image(client: Client, names: Iterable[str]) -> bool:

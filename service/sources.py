@@ -41,6 +41,12 @@ class ImageName:
             return self.path[len(_OFFICIAL):]
         return self.path
 
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every way a client may write this repository: Docker Hub's ``app`` is also
+        ``library/app`` (a target on Docker Hub may be given either way)."""
+        return tuple(dict.fromkeys((self.repository, self.path)))
+
 
 def is_image_id(reference: str) -> bool:
     """True when the daemon may resolve ``reference`` as an image id or id prefix."""

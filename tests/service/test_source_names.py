@@ -54,6 +54,17 @@ def test_the_repository_a_name_stands_for(reference, repository):
     assert name is not None and name.repository == repository
 
 
+def test_docker_hubs_official_images_have_two_spellings():
+    official = Client(name="hub", token_sha256="", scopes=frozenset({"publish"}), repositories=("library/*",))
+    short = Client(name="short", token_sha256="", scopes=frozenset({"publish"}), repositories=("python",))
+    for reference in ("python:3", "library/python:3", "docker.io/library/python", "index.docker.io/python"):
+        assert parse_name(reference).spellings == ("python", "library/python")
+        assert may_use_image_name(official, reference) and may_use_image_name(short, reference)
+    assert parse_name("localhost:5000/library/python").spellings == ("library/python",)
+    assert not may_use_image_name(short, "localhost:5000/library/python")
+    assert not may_use_image_name(official, "library/imagepub-build:x")
+
+
 def test_tag_and_digest_are_split_from_the_name():
     name = parse_name(f"localhost:5000/team-a/app:1@{DIGEST}")
     assert (name.domain, name.path, name.tag, name.digest) == ("localhost:5000", "team-a/app", "1", DIGEST)
