@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="jobs at once (default: number of cores)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--queues", default="jobs,control", choices=["jobs,control", "jobs", "control"],
-                        help="what to consume: jobs (publish, pull, build), control (registry operations, webhooks)")
+                        help="what to consume: jobs (publish, pull, build), control (registry operations); "
+                             "every worker also delivers webhooks, on threads of their own")
     worker.set_defaults(func=_worker)
 
     token = sub.add_parser("token", help="API tokens for the clients section of the configuration")

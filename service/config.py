@@ -135,10 +135,13 @@ class Recovery:
 
 @dataclass(frozen=True)
 class Webhooks:
+    """Callbacks when jobs end (see workers/outbox.py)."""
+
     secret_env: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     max_attempts: int = 8
-    timeout_seconds: float = 10.0
+    timeout_seconds: float = 10.0  # one delivery, all of it: resolve, connect, send, the answer's head
+    concurrency: int = 4  # deliveries at once per worker, on threads of their own
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,7 @@ class _WebhooksSchema(Schema):
     allowed_hosts = fields.List(fields.String(), load_default=list)
     max_attempts = fields.Integer(load_default=Webhooks.max_attempts, validate=validate.Range(min=1, max=50))
     timeout_seconds = fields.Float(load_default=Webhooks.timeout_seconds, validate=validate.Range(min=0.5, max=120))
+    concurrency = fields.Integer(load_default=Webhooks.concurrency, validate=validate.Range(min=1, max=64))
 
 
 class _RetentionSchema(Schema):
@@ -382,7 +386,7 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         webhooks=Webhooks(
             secret_env=data["webhooks"].get("secret_env"),
             allowed_hosts=tuple(data["webhooks"].get("allowed_hosts", ())),
-            **{k: v for k, v in data["webhooks"].items() if k in ("max_attempts", "timeout_seconds")},
+            **{k: v for k, v in data["webhooks"].items() if k in ("max_attempts", "timeout_seconds", "concurrency")},
         ),
         retention_seconds=data["retention"].get("finished_jobs", 7 * 86400),
         job_timeout_seconds=data["job_timeout_seconds"],

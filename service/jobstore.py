@@ -11,6 +11,9 @@ Keys (all under one prefix, so one Redis can serve several deployments):
                                for each client's own jobs
 - ``idem:{client}:{sha256(key)}``  an idempotency key → ``{job id} {request hash}``
 - ``delayed``                  jobs waiting for their next attempt, scored by due time
+- ``webhooks``                 the webhook outbox: ended jobs whose callback is owed, scored by
+                               when a dispatcher may (next) take them; ``webhooks:attempts``
+                               counts each one's delivery attempts (see workers/outbox.py)
 - ``workers``                  worker heartbeats
 
 Job ids are UUIDv7, so their text order is their creation order: the indexes are sorted sets
@@ -56,9 +59,11 @@ EVENTS_AFTER_END_SECONDS = 3600
 # A worker whose heartbeat (every 10 s) is older than this is not counted as alive.
 WORKER_HEARTBEAT_MAX_AGE = 30.0
 
-# KEYS: job, events, idempotency key (or a dummy). ARGV: record, new state, kind, prefix, id,
-# event type, ttl of a finished job, client, ttl of a finished job's events, the value to store
-# (the record itself, or its compact form once finished).
+# KEYS: job, events, idempotency key (or a dummy), webhook outbox. ARGV: record, new state, kind,
+# prefix, id, event type, ttl of a finished job, client, ttl of a finished job's events, the value
+# to store (the record itself, or its compact form once finished), '1' when the job has a
+# callback. The webhook is owed in the same step that ends the job: no path to an end, and no
+# crash right after one, can forget it; and a terminal state is written once, so owed once.
 _SAVE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
@@ -81,6 +86,7 @@ if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], math.min(ttl, tonumber(ARGV[9])))
   if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) end
+  if ARGV[11] == '1' then redis.call('ZADD', KEYS[4], 'NX', 0, id) end
 end
 return 1
 """ % EVENTS_MAXLEN
@@ -99,6 +105,40 @@ redis.call('HINCRBY', '%s', ARGV[3], 1)
 if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[4]) end
 return 1
 """ % (EVENTS_MAXLEN, METRICS_KEY)
+
+
+# The webhook outbox (KEYS: outbox, attempts). Redis' clock is the only clock: every worker
+# compares due times with the same one.
+# Claim: ARGV: at most this many, lease seconds. Each due entry is leased (its score moved to now +
+# lease, so no other dispatcher takes it meanwhile, and it is due again if this one dies) and its
+# attempts counted. Returns id, lease token (the new score, as Redis prints it), attempt, ...
+_CLAIM_WEBHOOKS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local claimed = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+  table.insert(claimed, id)
+  table.insert(claimed, redis.call('ZSCORE', KEYS[1], id))
+  table.insert(claimed, redis.call('HINCRBY', KEYS[2], id, 1))
+end
+return claimed
+"""
+
+# Settle a claimed entry: ARGV: id, lease token, '' to forget it (delivered, refused, out of
+# attempts) or the seconds until its next attempt. Only while the lease is still this claim's.
+_SETTLE_WEBHOOK = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+else
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3]), ARGV[1])
+end
+return 1
+"""
 
 
 def new_job_id() -> str:
@@ -183,6 +223,8 @@ class JobStore:
         self._depth, self._depth_read_at = 0, float("-inf")
         self._save = client.register_script(_SAVE)
         self._create = client.register_script(_CREATE)
+        self._claim_webhooks = client.register_script(_CLAIM_WEBHOOKS)
+        self._settle_webhook = client.register_script(_SETTLE_WEBHOOK)
 
     @classmethod
     def from_config(cls, settings) -> "JobStore":
@@ -261,10 +303,11 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self._job_key(job["id"]) + ":no-idem"
         record = _dumps(job)
         result = self._save(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem],
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem, self.webhooks_key],
             args=[record, job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds,
                   job.get("client") or "", EVENTS_AFTER_END_SECONDS,
-                  _compact(record) if job["state"] in TERMINAL_STATES else record],
+                  _compact(record) if job["state"] in TERMINAL_STATES else record,
+                  "1" if job["request"].get("callback_url") else ""],
         )
         if result == 1 and job["state"] in TERMINAL_STATES:
             self._count_finished(job)
@@ -405,6 +448,8 @@ class JobStore:
                     for index in fresh - stale:
                         pipe.zadd(index, {job_id: 0})
                     pipe.zrem(f"{self.prefix}delayed", job_id)
+                    if job["request"].get("callback_url"):  # owed with the end, as in the save script
+                        pipe.zadd(self.webhooks_key, {job_id: 0}, nx=True)
                     pipe.xadd(self._events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
                     pipe.expire(self._events_key(job_id), min(self.retention_seconds, EVENTS_AFTER_END_SECONDS))
                     self._count_finished(job, pipe)
@@ -441,6 +486,31 @@ class JobStore:
 
     def unschedule(self, job_id: str) -> None:
         self.redis.zrem(f"{self.prefix}delayed", job_id)
+
+    # --- the webhook outbox (the save and cancel steps fill it; workers/outbox.py empties it) ---
+
+    @property
+    def webhooks_key(self) -> str:
+        return f"{self.prefix}webhooks"
+
+    def owe_webhook(self, job_id: str) -> None:
+        """Owe ``job_id``'s webhook now (once: an entry already there is left as it is)."""
+        self.redis.zadd(self.webhooks_key, {job_id: 0}, nx=True)
+
+    def claim_webhooks(self, limit: int, lease_seconds: float) -> list[tuple[str, str, int]]:
+        """Up to ``limit`` due webhooks, each leased for ``lease_seconds``: (job id, lease token,
+        attempt number)."""
+        flat = self._claim_webhooks(keys=[self.webhooks_key, self.webhooks_key + ":attempts"], args=[limit, lease_seconds])
+        return [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    def settle_webhook(self, job_id: str, token: str, retry_in: float | None = None) -> bool:
+        """Forget a claimed webhook (``retry_in`` None) or make it due again in ``retry_in``
+        seconds. False when the lease had passed to another claim (which then settles it)."""
+        args = [job_id, token, "" if retry_in is None else repr(float(retry_in))]
+        return self._settle_webhook(keys=[self.webhooks_key, self.webhooks_key + ":attempts"], args=args) == 1
+
+    def webhooks_pending(self) -> int:
+        return self.redis.zcard(self.webhooks_key)
 
     # --- worker liveness ---
 

@@ -116,7 +116,8 @@ def render(store) -> bytes:
     states = ("queued", "running", "retrying")
     for state in states:
         pipe.zcard(store.index_key(state=state))
-    values, depth, *per_state = pipe.execute()
+    pipe.zcard(store.webhooks_key)
+    values, depth, *per_state, webhooks = pipe.execute()
     queue = GaugeMetricFamily("imagepub_queue_depth", "Job messages waiting for a worker.", value=depth)
     active = GaugeMetricFamily("imagepub_jobs_active", "Unfinished jobs, by state.", labels=["state"])
     for state, count in zip(states, per_state):
@@ -124,5 +125,7 @@ def render(store) -> bytes:
     workers = GaugeMetricFamily("imagepub_workers_alive", f"Workers with a heartbeat in the last {WORKER_HEARTBEAT_MAX_AGE:.0f} s.",
                                 value=len(store.live_workers()))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(values, [queue, active, workers]))
+    pending = GaugeMetricFamily("imagepub_webhooks_pending", "Webhooks owed by ended jobs: being delivered or waiting for a retry.",
+                                value=webhooks)
+    registry.register(_Collector(values, [queue, active, workers, pending]))
     return generate_latest(registry)

@@ -18,6 +18,8 @@ from kombu import Queue
 from .config import Settings
 
 RUN_JOB = "imagepub.run_job"
+# Webhooks go through the job store's outbox (workers/outbox.py); messages of this name, sent by
+# a version before it, are still taken and moved there.
 DELIVER_WEBHOOK = "imagepub.deliver_webhook"
 JOBS_QUEUE = "imagepub.jobs"
 CONTROL_QUEUE = "imagepub.control"
@@ -101,6 +103,3 @@ class JobQueue:
         """Queue ``job_id`` (the API queues new jobs with their record: JobStore.create)."""
         with self.celery.pool.acquire(block=True) as connection:
             connection.default_channel.client.lpush(JOBS_QUEUE, self.message(job_id))
-
-    def send_webhook(self, job_id: str) -> None:
-        self.celery.send_task(DELIVER_WEBHOOK, args=[job_id], queue=CONTROL_QUEUE)

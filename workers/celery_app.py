@@ -32,3 +32,14 @@ def _start_supervisor(sender=None, **_):
     supervisor = Supervisor(settings, JobStore.from_config(settings), JobQueue(app), name)
     supervisor.start()
     signals.worker_shutdown.connect(lambda **_: supervisor.stop(), weak=False)
+
+
+@signals.worker_ready.connect
+def _start_webhook_dispatcher(**_):
+    """Webhooks owed by ended jobs, on threads of the main process: never in the pool that runs
+    jobs and control calls (see workers/outbox.py)."""
+    from .outbox import Dispatcher
+
+    dispatcher = Dispatcher(settings, JobStore.from_config(settings))
+    dispatcher.start()
+    signals.worker_shutdown.connect(lambda **_: dispatcher.stop(), weak=False)

@@ -135,11 +135,9 @@ def run(job_id: str, deps: Deps) -> None:
         _run_locked(job, deps, guard)
     finally:
         guard.release()
-    if job["state"] in TERMINAL_STATES:
-        if job["kind"] == "build":
-            deps.store.drop_context(job_id)
-        if job["request"].get("callback_url"):
-            deps.queue.send_webhook(job_id)
+    # A webhook the job owes went into the outbox with its terminal state (JobStore.save).
+    if job["state"] in TERMINAL_STATES and job["kind"] == "build":
+        deps.store.drop_context(job_id)
 
 
 def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:

@@ -20,6 +20,7 @@ from service.client import ImagepubClient
 from service_process import Service, base_config
 from webhook_receiver import Receiver
 from helpers import parse_sse
+from workers.webhooks import delivery_id
 
 SECRET = "whsec-test-4f1c2d"
 
@@ -242,6 +243,8 @@ def test_webhook_is_signed_and_retried(resilient, image, unique):
         delivered = json.loads(call["body"])
         assert delivered["id"] == job["id"] and delivered["state"] == "succeeded"
         assert delivered["targets"][0]["digest"].startswith("sha256:")
+    # one delivery id per job end, on every attempt: receivers de-duplicate by it
+    assert calls[0]["headers"]["X-Imagepub-Delivery"] == calls[1]["headers"]["X-Imagepub-Delivery"]
     time.sleep(1)
     assert len(receiver.calls) == 2  # delivered: no more attempts
     receiver.server.shutdown()
@@ -267,4 +270,5 @@ def test_webhook_on_cancel_of_a_queued_job(resilient, image, unique):
     calls = receiver.wait(1)
     assert json.loads(calls[0]["body"])["state"] == "cancelled"
     assert calls[0]["headers"]["X-Imagepub-Event"] == "job.cancelled"
+    assert calls[0]["headers"]["X-Imagepub-Delivery"] == delivery_id(job["id"], "cancelled")  # stable per job end
     receiver.server.shutdown()
