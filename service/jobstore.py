@@ -92,17 +92,25 @@ return 1
 """ % EVENTS_MAXLEN
 
 
-# KEYS: job, events, jobs queue, then every index the job belongs to (JobStore._indexes).
-# ARGV: record, id, metric field, queue message ('' for none). One command: the record, its
-# indexes, its first event, the submission counter and the Celery message, together or not at all.
+# KEYS: job, events, jobs queue, idempotency key (or a dummy), then every index the job belongs
+# to (JobStore._indexes). ARGV: record, id, metric field, queue message ('' for none), the
+# idempotency key's lifetime ('' for none) and its binding (``{id} {request hash}``); nothing is
+# done (0) when the key's claim lapsed and another request bound it meanwhile. One command: the record, its indexes, its first
+# event, the submission counter, the Celery message and the idempotency key's binding for the
+# retention period, together or not at all.
 _CREATE = """
+if ARGV[5] ~= '' then
+  local bound = redis.call('GET', KEYS[4])
+  if bound and bound ~= ARGV[6] then return 0 end
+end
 redis.call('SET', KEYS[1], ARGV[1])
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   redis.call('ZADD', KEYS[i], 0, ARGV[2])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', 'state', 'job', ARGV[1])
 redis.call('HINCRBY', '%s', ARGV[3], 1)
 if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[6], 'EX', tonumber(ARGV[5])) end
 return 1
 """ % (EVENTS_MAXLEN, METRICS_KEY)
 
@@ -247,6 +255,11 @@ class JobStore:
         running job without one for an orphan."""
         return f"{self.prefix}lock:job:{job_id}"
 
+    def repository_lock_key(self, repository_ref: str) -> str:
+        """The lease a job holds while it tags and pushes to ``host/repository`` (one at a time,
+        fleet-wide: the daemon's tags are shared state)."""
+        return f"{self.prefix}lock:ref:{repository_ref}"
+
     def idempotency_key(self, client: str, key: str) -> str:
         return f"{self.prefix}idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
 
@@ -270,15 +283,22 @@ class JobStore:
 
     # --- records ---
 
-    def create(self, job: dict[str, Any], message: str | None = None) -> str:
+    def create(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None) -> str | None:
         """Store a new job, index it, start its event stream and (with ``message``) queue it:
-        one atomic script, one round trip. Returns the stored JSON."""
+        one atomic script, one round trip. A job with an ``idempotency_key`` (claimed for a
+        moment by ``claim_idempotency_key``) binds it with ``idempotency`` = (request hash,
+        lifetime in seconds). Returns the stored JSON; None (nothing stored) when the claim had
+        lapsed and another request holds the key now."""
         record = _dumps(job)
-        self._create(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), JOBS_QUEUE, *self._indexes(job)],
-            args=[record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or ""],
+        idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else None
+        request_hash, ttl = idempotency if idem and idempotency else ("", "")
+        done = self._create(
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), JOBS_QUEUE, idem or self._job_key(job["id"]) + ":no-idem",
+                  *self._indexes(job)],
+            args=[record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
+                  str(ttl), f"{job['id']} {request_hash}"],
         )
-        return record
+        return record if done == 1 else None
 
     def _count_finished(self, job: dict[str, Any], pipe=None) -> None:
         own = pipe is None
@@ -399,10 +419,13 @@ class JobStore:
 
     # --- idempotency ---
 
-    def claim_idempotency_key(self, client: str, key: str, job_id: str, request_hash: str, ttl: int) -> tuple[str, str] | None:
-        """Bind ``key`` to a new job; or, when it is bound already, its (job id, request hash)."""
+    def claim_idempotency_key(self, client: str, key: str, job_id: str, request_hash: str, ttl: float) -> tuple[str, str] | None:
+        """Bind ``key`` to a new job for ``ttl`` seconds — a short lease: ``create`` binds it for
+        the retention period with the job, so a claim whose API process died before storing the
+        job lapses soon instead of answering "in progress" for days. When the key is bound
+        already: its (job id, request hash)."""
         name = self.idempotency_key(client, key)
-        if self.redis.set(name, f"{job_id} {request_hash}", nx=True, ex=ttl):
+        if self.redis.set(name, f"{job_id} {request_hash}", nx=True, px=max(1, int(ttl * 1000))):
             return None
         value = self.redis.get(name)
         if value is None:  # expired between the two calls: claim it again

@@ -127,14 +127,15 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
     if key is not None:
         job["idempotency_key"] = key
         request_hash = hashlib.sha256(json.dumps([kind, normalized], sort_keys=True).encode()).hexdigest()
-        ttl = settings.retention_seconds + 2 * 86400  # shortened to the retention when the job ends
-        bound = store.claim_idempotency_key(client, key, job["id"], request_hash, ttl)
+        bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
         if bound is not None:
             return _replay(store, *bound, request_hash)
     try:
         if context is not None:
             store.put_context(job["id"], context)
-        record = store.create(job, message=queue.message(job["id"]))
+        # the key's binding outlives the job's retention; shortened to it when the job ends
+        record = store.create(job, message=queue.message(job["id"]),
+                              idempotency=(request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None)
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
@@ -145,6 +146,10 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
         except Exception:
             pass
         raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
+    if record is None:  # our claim of the key lapsed and another request took it: that one stands
+        store.drop_context(job["id"])
+        bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
+        return _replay(store, *bound, request_hash) if bound else _submit(kind, normalized, context)
     log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})
     return _accepted(job, record=record)
 

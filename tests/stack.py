@@ -557,8 +557,27 @@ class Stack:
             f"mount --bind {q(str(etc_docker))} /etc/docker; "
             f"exec {shlex.join(dockerd)}"
         )
-        argv = [_which("unshare"), "--mount", "--propagation", "private", "sh", "-c", script]
-        self._spawn_infra("dockerd", argv)
+        self._dockerd_argv = [_which("unshare"), "--mount", "--propagation", "private", "sh", "-c", script]
+        self._spawn_infra("dockerd", self._dockerd_argv)
+
+    def stop_dockerd(self, timeout: float = 20.0) -> None:
+        """Stop the daemon (SIGTERM: it stops its containerd and cancels pushes and pulls)."""
+        with self._lock:
+            proc = self._infra.get("dockerd")
+            if proc is not None and proc.poll() is None:
+                self._stop_proc(proc, signal.SIGTERM, timeout)
+
+    def start_dockerd(self) -> None:
+        """Start the daemon again with the same data root, namespace and socket; wait for it."""
+        with self._lock:
+            proc = self._infra.get("dockerd")
+            if proc is not None and proc.poll() is None:
+                return
+            (self.tmp / "docker.sock").unlink(missing_ok=True)
+            started = time.monotonic()
+            self._spawn_infra("dockerd", self._dockerd_argv)
+            self._wait("dockerd", self._dockerd_ready, started, timeout=60)
+            self._docker_client = None
 
     def _dockerd_ready(self) -> bool:
         if not (self.tmp / "docker.sock").exists():

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import docker
 import requests
+import urllib3
 from docker import errors as docker_errors
 
 from service import errors
@@ -96,6 +97,12 @@ class PullResult:
     layers: dict[str, str] = field(default_factory=dict)
 
 
+# Everything talking to the daemon can raise: its API errors, and the transport's (the daemon went
+# away: a refused or reset connection, or a stream cut mid-body, which urllib3 raises as a
+# ProtocolError while docker-py iterates it, outside requests' own exception types).
+_DAEMON_ERRORS = (docker_errors.DockerException, requests.exceptions.RequestException, urllib3.exceptions.HTTPError)
+
+
 def _translate_api_error(exc: Exception, not_found: type[errors.ImagepubError], what: str) -> errors.ImagepubError:
     if isinstance(exc, docker_errors.APIError):
         explanation = str(exc.explanation or exc)
@@ -123,7 +130,7 @@ class DockerEngine:
     def _call(self, what: str, fn, *args, not_found=errors.ImageNotFound, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (docker_errors.DockerException, requests.exceptions.RequestException) as exc:
+        except _DAEMON_ERRORS as exc:
             raise _translate_api_error(exc, not_found, what) from None
 
     def ping(self) -> bool:
@@ -141,7 +148,7 @@ class DockerEngine:
     def untag(self, reference: str) -> None:
         try:
             self.api.remove_image(reference, noprune=True)
-        except docker_errors.DockerException as exc:  # tidying up only: never fail a job for it
+        except _DAEMON_ERRORS as exc:  # tidying up only: never fail a job for it
             log.warning("could not remove tag %s: %s", reference, exc.__class__.__name__)
 
     def push(self, repository: str, tag: str, auth: dict[str, str], on_layer: LayerCallback | None = None) -> PushResult:
@@ -220,7 +227,7 @@ class DockerEngine:
                 aux = line.get("aux") or {}
                 if aux.get("ID"):
                     image_id = aux["ID"]
-        except (requests.exceptions.RequestException, docker_errors.DockerException) as exc:
+        except _DAEMON_ERRORS as exc:
             raise _translate_api_error(exc, errors.BuildFailed, "build") from None
         if image_id is None:
             raise errors.BuildFailed(f"{step or 'build'}: the daemon reported no image")
@@ -261,5 +268,5 @@ class DockerEngine:
                     message = (line.get("errorDetail") or {}).get("message") or line.get("error") or "unknown error"
                     raise classify_stream_error(message, default)
                 yield line
-        except (requests.exceptions.RequestException, docker_errors.DockerException) as exc:
+        except _DAEMON_ERRORS as exc:
             raise _translate_api_error(exc, default, what) from None

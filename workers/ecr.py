@@ -14,6 +14,7 @@ instance role); ``AWS_ENDPOINT_URL_ECR`` is honoured by botocore itself.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import botocore.exceptions
 from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 from botocore.session import get_session
+from redis import exceptions as redis_exceptions
 
 from service import errors
 from service.config import Registry
@@ -247,21 +249,33 @@ class TokenCache:
         if token is not None:
             self.metrics.incr("imagepub_ecr_token_cache_hits", registry=registry)
             return token
-        with self.redis.lock(f"{key}:lock", timeout=self.lock_timeout, blocking_timeout=self.lock_timeout):
+        # Single-flight: one fetch for the fleet. The lock lives ``lock_timeout`` at most (a
+        # fetch that takes longer has failed anyway), so a fetcher that died holds nobody up for
+        # longer; a waiter that gives up fetches on its own rather than fail its job.
+        lock = self.redis.lock(f"{key}:lock", timeout=self.lock_timeout, thread_local=False)
+        locked = lock.acquire(blocking_timeout=self.lock_timeout)
+        try:
             token = self._cached(key)  # another worker may have fetched it while we waited
             if token is not None:
                 self.metrics.incr("imagepub_ecr_token_cache_hits", registry=registry)
                 return token
-            token = fetch()
-            now = time.time()
-            expires = token.get("expires_at")
-            usable_until = expires - self.refresh_margin if expires else 0
-            if usable_until - now < 60:
-                usable_until = now + self.fallback_ttl
-            token["usable_until"] = usable_until
-            self.redis.set(key, json.dumps(token), exat=int(usable_until) + 1)
-            self.metrics.incr("imagepub_ecr_token_fetches", registry=registry)
-            return token
+            return self._fetch(key, fetch, registry)
+        finally:
+            if locked:
+                with contextlib.suppress(redis_exceptions.LockError):
+                    lock.release()
+
+    def _fetch(self, key: str, fetch: Callable[[], dict[str, Any]], registry: str) -> dict[str, Any]:
+        token = fetch()
+        now = time.time()
+        expires = token.get("expires_at")
+        usable_until = expires - self.refresh_margin if expires else 0
+        if usable_until - now < 60:
+            usable_until = now + self.fallback_ttl
+        token["usable_until"] = usable_until
+        self.redis.set(key, json.dumps(token), exat=int(usable_until) + 1)
+        self.metrics.incr("imagepub_ecr_token_fetches", registry=registry)
+        return token
 
     def _cached(self, key: str) -> dict[str, Any] | None:
         raw = self.redis.get(key)
@@ -288,8 +302,8 @@ class EcrRegistry:
         self.token_key = f"imagepub:ecr-token:{config.account_id or 'default'}:{config.region}:{role}"
 
     @classmethod
-    def from_config(cls, config: Registry, redis) -> "EcrRegistry":
-        return cls(config, Ecr.from_config(config), TokenCache(redis))
+    def from_config(cls, config: Registry, redis, lock_ttl: float = 30) -> "EcrRegistry":
+        return cls(config, Ecr.from_config(config), TokenCache(redis, lock_timeout=lock_ttl))
 
     def _token(self) -> dict[str, Any]:
         return self.tokens.get(self.token_key, self.ecr.authorization, self.name)

@@ -12,12 +12,13 @@ A job whose every run killed its worker ends ``failed`` (``worker_lost``) after
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -26,6 +27,7 @@ from service import errors
 from service.jobstore import TERMINAL_STATES, utcnow
 
 from .deps import Deps
+from .leases import Leases
 from .build import build
 from .publish import publish
 from .pull import pull
@@ -33,6 +35,8 @@ from .pull import pull
 log = logging.getLogger(__name__)
 
 STEPS = {"publish": publish, "pull": pull, "build": build}
+# How often a job waiting for another job's lease looks again (and for a cancellation).
+LEASE_POLL_SECONDS = 0.1
 
 
 def _iso(epoch: float) -> str:
@@ -45,39 +49,36 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 class Guard:
-    """While a job runs: keeps its lock alive and notices a cancellation, from a thread."""
+    """While a job runs: holds its leases (its job lock first) and keeps them alive, and notices
+    a cancellation, from a thread."""
 
     def __init__(self, deps: Deps, job_id: str):
         self.deps, self.job_id = deps, job_id
-        ttl = deps.settings.recovery.lock_ttl_seconds
-        self.lock = deps.redis.lock(deps.store.job_lock_key(job_id), timeout=ttl, thread_local=False)
+        self.ttl = deps.settings.recovery.lock_ttl_seconds
+        self.leases = Leases(deps.redis, self.ttl)
         self.cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"guard-{job_id[:8]}", daemon=True)
 
     def acquire(self) -> bool:
-        if not self.lock.acquire(blocking=False):
+        if not self.leases.take(self.deps.store.job_lock_key(self.job_id)):
             return False
         self._thread.start()
         return True
 
     def release(self) -> None:
         self._stop.set()
-        try:
-            self.lock.release()
-        except redis.exceptions.LockError:
-            pass
+        self.leases.give_back_all()
 
     def _watch(self) -> None:
-        ttl = self.deps.settings.recovery.lock_ttl_seconds
-        last_extend = time.monotonic()
+        last_renewal = time.monotonic()
         while not self._stop.wait(0.25):
             try:
                 if not self.cancelled.is_set() and self.deps.store.cancel_requested(self.job_id):
                     self.cancelled.set()
-                if time.monotonic() - last_extend > ttl / 3:
-                    self.lock.reacquire()
-                    last_extend = time.monotonic()
+                if time.monotonic() - last_renewal > self.ttl / 3:
+                    self.leases.renew()
+                    last_renewal = time.monotonic()
             except redis.exceptions.RedisError as exc:  # Redis hiccup: try again next tick
                 log.warning("job guard: %s", exc.__class__.__name__, extra={"job_id": self.job_id})
 
@@ -93,6 +94,9 @@ class Progress:
 
     def __init__(self, job: dict[str, Any], deps: Deps, guard: Guard | None = None, interval: float = 0.5):
         self.job, self.deps, self.guard, self.interval = job, deps, guard, interval
+        # Without a guard (a test calling a step directly) leases are not renewed: they lapse
+        # after the TTL, which is all a short step needs.
+        self.leases = guard.leases if guard else Leases(deps.redis, deps.settings.recovery.lock_ttl_seconds)
         self._last_write = 0.0
 
     def check(self) -> None:
@@ -108,6 +112,25 @@ class Progress:
         if not self.deps.store.save(self.job, event=event):
             # The stored job ended under us: a caller cancelled it before we noticed.
             raise errors.Cancelled("the job was ended by a caller")
+
+    @contextlib.contextmanager
+    def exclusive(self, key: str, what: str) -> Iterator[None]:
+        """Hold the lease ``key`` for the block. While another job holds it, this job says so
+        (``waiting_for``: ``what``, in the record and its events) and stays cancellable; a
+        holder that died lets go within ``recovery.lock_ttl_seconds``."""
+        if not self.leases.take(key):
+            self.job["waiting_for"] = what
+            self.save()
+            log.info("job waits for %s", what, extra={"job_id": self.job["id"]})
+            while not self.leases.take(key):
+                self.check()
+                time.sleep(LEASE_POLL_SECONDS)
+            self.job.pop("waiting_for", None)
+            self.save()
+        try:
+            yield
+        finally:
+            self.leases.give_back(key)
 
     def transition(self, state: str, **fields: Any) -> None:
         self.job["state"] = state

@@ -162,7 +162,7 @@ def push_targets(job: dict[str, Any], deps: "Deps", progress: "Progress", image:
         for tag in record["tags"]:
             # One push per repository at a time, fleet-wide: the daemon's tags are shared state,
             # and concurrent pushes of one image to one repository would upload its layers twice.
-            with deps.reference_lock(repository_ref, progress.check):
+            with progress.exclusive(deps.store.repository_lock_key(repository_ref), f"another push to {repository_ref}"):
                 digests.add(_push_tag(deps.engine, target, image, repository_ref, tag, on_layer, digests))
             record["references"] = list(dict.fromkeys(record["references"] + [f"{repository_ref}:{tag}"]))
             progress.save()
