@@ -61,7 +61,7 @@ def faulty(stack, slow):
     config["recovery"] = {"lock_ttl_seconds": LOCK_TTL, "scan_interval_seconds": SCAN_INTERVAL, "max_worker_losses": MAX_LOSSES}
     # long enough to ride out a 20 s registry outage, short steps so a recovered push is quick
     config["retry"] = {"max_attempts": 40, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2}
-    svc = Service(stack, config, "faults", redis_db=6)
+    svc = Service(stack, config, "faults", redis_db=7)
     redis.Redis.from_url(svc.redis_url).flushdb()
     svc.start_api()
     svc.start_worker()

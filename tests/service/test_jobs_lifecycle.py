@@ -34,6 +34,37 @@ def test_idempotency_key_same_body_gives_the_original_job(client, redis_client):
     assert client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "build-43"}).get_json()["id"] != first.get_json()["id"]
 
 
+class ProcessDied(BaseException):
+    """What the rest of a request sees of its process being killed: nothing runs any more."""
+
+
+def test_an_idempotency_key_claimed_by_a_request_that_died_lapses(app, client, redis_client, monkeypatch):
+    """An API process that died between claiming a key and storing its job leaves the claim
+    behind: a retry with that key is told to retry while the claim lasts
+    (recovery.lock_ttl_seconds), then gets a new job — not "in progress" for days."""
+    store: JobStore = app.extensions["imagepub"]["store"]
+    ttl = app.extensions["imagepub"]["settings"].recovery.lock_ttl_seconds
+
+    def dies(*_, **__):
+        raise ProcessDied()
+
+    monkeypatch.setattr(store, "create", dies)
+    with pytest.raises(ProcessDied):
+        client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "died-1"})
+    monkeypatch.undo()
+    assert 0 < redis_client.pttl(store.idempotency_key("admin", "died-1")) <= ttl * 1000
+    problem(client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "died-1"}), 409, "idempotency_in_progress")
+    redis_client.pexpire(store.idempotency_key("admin", "died-1"), 1)  # the claim's TTL runs out
+    time.sleep(0.01)
+    job = client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "died-1"})
+    assert job.status_code == 202 and "Idempotent-Replayed" not in job.headers
+    assert queued_job_ids(redis_client) == [job.get_json()["id"]]
+    # stored with its job, the key is bound for the retention period, and replays
+    assert redis_client.ttl(store.idempotency_key("admin", "died-1")) > 7 * 86400
+    again = client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "died-1"})
+    assert again.headers["Idempotent-Replayed"] == "true" and again.get_json()["id"] == job.get_json()["id"]
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "ünïcode"])
 def test_bad_idempotency_keys(client, key):
     resp = client.client.post("/v1/publish", json=GOOD, headers={**client.headers, "Idempotency-Key": key.encode("utf-8").decode("latin-1")})

@@ -93,3 +93,25 @@ def test_assume_role_for_cross_account_pushes(stack, monkeypatch):
     credentials = ecr.client._request_signer._credentials.get_frozen_credentials()
     assert credentials.access_key != "testing" and credentials.token  # temporary, from AssumeRole
     assert ecr.authorization()["endpoint"].endswith(".amazonaws.com")
+
+
+def test_a_dead_fetchers_lock_holds_nobody_up_past_its_ttl(stack):
+    """A worker that died while fetching leaves its single-flight lock behind (here: one taken
+    with an hour's TTL, as the old code took them): the next caller waits at most the cache's
+    lock TTL, then fetches itself instead of failing its job."""
+    client = redis.Redis.from_url(stack.redis_url.rsplit("/", 1)[0] + "/6", decode_responses=True)
+    client.flushdb()
+    cache = TokenCache(client, lock_timeout=1)
+    client.set("k:lock", "dead-worker-token", px=3_600_000)
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return {"username": "AWS", "password": "p", "endpoint": "e", "expires_at": time.time() + 12 * 3600}
+
+    started = time.monotonic()
+    assert cache.get("k", fetch)["password"] == "p"
+    assert len(calls) == 1 and time.monotonic() - started < 5
+    assert client.get("k:lock") == "dead-worker-token"  # not ours to release
+    assert cache.get("k", fetch) and len(calls) == 1  # and the token is shared from now on
+    client.flushdb()
