@@ -67,25 +67,33 @@ def _tcp_state(sock: socket.socket) -> int:
 
 
 class Connections:
-    """Connections to hostile receivers: when each opened and closed, how many at once."""
+    """Connections to hostile receivers: when each opened and closed, how many are open."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.log: list[dict] = []
-        self.open, self.peak = 0, 0
+        self.open = 0
 
     def opened(self, mode: str) -> dict:
         entry = {"mode": mode, "opened": time.monotonic(), "closed": None}
         with self._lock:
             self.log.append(entry)
             self.open += 1
-            self.peak = max(self.peak, self.open)
         return entry
 
     def closed(self, entry: dict) -> None:
         with self._lock:
             entry["closed"] = time.monotonic()
             self.open -= 1
+
+    def most_at_once(self, slack: float = 0.25) -> int:
+        """The most connections open at one time. A close is noticed by polling, so a little
+        after it happened: a connection counts as open until ``slack`` before its close was
+        seen (a caller that opens its next connection right after closing one is not counted
+        twice; one that keeps more open at once overlaps by far more than that)."""
+        with self._lock:
+            spans = [(e["opened"], (e["closed"] or float("inf")) - slack) for e in self.log]
+        return max((sum(1 for start, end in spans if start <= at < end) for at, _ in spans), default=0)
 
     def wait(self, condition, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
