@@ -93,3 +93,13 @@ def test_a_claim_takes_at_most_what_it_asks_for(store):
     assert len(store.claim_webhooks(2, 30)) == 2
     assert len(store.claim_webhooks(10, 30)) == 3
     assert store.claim_webhooks(10, 30) == [] and store.webhooks_pending() == 5
+
+
+def test_webhook_settings_bound_the_pool():
+    from service import config
+
+    assert config.parse({}, {}).webhooks.concurrency == 4
+    assert config.parse({"webhooks": {"concurrency": 2, "timeout_seconds": 3}}, {}).webhooks.concurrency == 2
+    for wrong in (0, 65, "many"):
+        with pytest.raises(config.ConfigError, match="webhooks.concurrency"):
+            config.parse({"webhooks": {"concurrency": wrong}}, {})
