@@ -51,7 +51,8 @@ def gunicorn_defaults() -> dict[str, Any]:
     """What ``imagepub serve`` runs with when given no flags (service/gunicorn_conf.py)."""
     from service import gunicorn_conf
 
-    return {"workers": gunicorn_conf.workers, "worker_class": gunicorn_conf.worker_class, "threads": gunicorn_conf.threads}
+    return {"workers": gunicorn_conf.workers, "worker_class": gunicorn_conf.worker_class,
+            "worker_connections": gunicorn_conf.worker_connections}
 
 
 def _wait_http(url: str, what: str, stack, log_name: str, timeout: float = 60) -> None:
@@ -126,7 +127,7 @@ class Imagepub:
 
 
 class Hello:
-    """The baseline: bench/hello.py under gunicorn, same worker number, class and threads."""
+    """The baseline: bench/hello.py under gunicorn, same worker number, class and connections."""
 
     def __init__(self, stack):
         self.stack = stack
@@ -137,7 +138,7 @@ class Hello:
     def start(self) -> "Hello":
         s = self.settings
         self.stack.spawn("hello", [sys.executable, "-m", "gunicorn", "--chdir", str(REPO), "--worker-class", s["worker_class"],
-                                   "--workers", str(s["workers"]), "--threads", str(s["threads"]), "--no-control-socket",
+                                   "--workers", str(s["workers"]), "--worker-connections", str(s["worker_connections"]), "--no-control-socket",
                                    "--bind", f"127.0.0.1:{self.port}", "bench.hello:app"])
         _wait_http(self.url + "/", "hello-world gunicorn", self.stack, "hello")
         return self

@@ -167,7 +167,7 @@ def http_phase(stack, args, res: Results, log: Log, services: dict[str, Any]) ->
         as a whole moves it less than it moves the totals."""
         return median([getattr(x, attr) / getattr(b, attr) for x, b in zip(runs[name], runs[base])])
     s = gunicorn_defaults()
-    res.settings["gunicorn"] = f"{s['workers']} × {s['worker_class']} workers, {s['threads']} threads each"
+    res.settings["gunicorn"] = f"{s['workers']} × {s['worker_class']} workers, {s['worker_connections']} connections each"
     res.settings["load"] = (f"wrk, 1 thread, {args.connections} connections, {args.rounds} interleaved rounds of "
                             f"{args.duration:.0f} s per load after a {args.warmup:.0f} s warm-up")
 

@@ -97,9 +97,9 @@ class Limits:
     max_queued_jobs: int = 10_000
     default_rate_limit: str | None = None
     max_context_bytes: int = 50 * 1024 * 1024
-    # Live event streams one API process serves at once. Each holds one of its threads for as
-    # long as the job runs (gunicorn gthread: 4 per process), so the rest stay free for every
-    # other request; followers beyond it get 503 and poll (the CLI does so by itself).
+    # Live event streams one API process serves at once. Each holds a greenlet and a Redis
+    # connection for as long as the job runs (the gevent worker: 1,000 connections a process);
+    # followers beyond it get 503 and poll (the CLI does so by itself).
     event_streams_per_process: int = 2
 
 

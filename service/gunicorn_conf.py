@@ -4,10 +4,18 @@ import multiprocessing
 import os
 
 workers = min(2 * multiprocessing.cpu_count() + 1, 9)
-worker_class = "gthread"
-threads = 4
+# gevent, with a deadline on reading each request (service/gunicorn_worker.py, README "Design"):
+# a slow client or a live event stream costs a greenlet, not one of a few threads.
+worker_class = "service.gunicorn_worker.ApiWorker"
+# Connections (greenlets) per worker process. Slow clients are dropped within seconds, so what
+# fills it is live event streams and bursts.
+worker_connections = 1000
+# The arbiter's heartbeat: a worker whose event loop is stuck this long is replaced. It does not
+# bound a request (an event stream lasts as long as its job).
 timeout = 30
 graceful_timeout = 30
+# Also the time a client has to send a request's head, idle time before it included (gevent's
+# worker reads each head under this timeout).
 keepalive = 5
 # Long enough for any cursor the API accepts, so an over-long one gets a problem+json 422 from
 # the app rather than a bare 414 from gunicorn.
