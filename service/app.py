@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from . import config as config_module
 from .config import Settings
 from .errors import ImagepubError
+from .fleet import Fleet
 from .jobstore import JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
@@ -106,9 +107,11 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.request_class = BoundedRequest  # bodies refused past the limit however framed (chunked too)
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
     app.json.sort_keys = False
+    store = store or JobStore.from_config(settings)
     app.extensions["imagepub"] = {
         "settings": settings,
-        "store": store or JobStore.from_config(settings),
+        "store": store,
+        "fleet": Fleet(store.redis, store.prefix),
         "queue": queue,
         "control": RegistryControl(queue.celery),
         "spec": deployment_spec(settings),

@@ -37,11 +37,27 @@ def _serve(args: argparse.Namespace) -> None:
     os.execv(sys.executable, argv)
 
 
-def _worker(args: argparse.Namespace) -> None:
-    from .queue import CONTROL_QUEUE, JOBS_QUEUE
+def _daemon_name(value: str) -> str:
+    from .config import DAEMON_NAME
 
-    queues = {"jobs": JOBS_QUEUE, "control": CONTROL_QUEUE}
-    chosen = [queues[name] for name in args.queues.split(",")]
+    if not DAEMON_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError("lowercase letters, digits and '-', at most 63, not starting or ending with '-'")
+    return value
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from . import config
+    from .queue import CONTROL_QUEUE, DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue
+
+    if args.no_daemon:
+        os.environ["IMAGEPUB_DAEMON_NAME"] = ""  # the worker's settings say: no daemon
+    elif args.daemon:
+        os.environ["IMAGEPUB_DAEMON_NAME"] = args.daemon
+    daemon = config.load().daemon_name
+    # jobs: the daemon's own queue first, then the daemons' (any daemon), then the shared one
+    jobs = ([daemon_queue(daemon), DAEMONS_QUEUE] if daemon else []) + [JOBS_QUEUE]
+    chosen = {"jobs": jobs, "control": [CONTROL_QUEUE]}
+    chosen = [queue for name in args.queues.split(",") for queue in chosen[name]]
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "--quiet", "worker",
             "--queues", ",".join(chosen), "--loglevel", args.loglevel, "--without-mingle", "--without-gossip"]
     if args.concurrency:
@@ -464,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a Celery worker next to a Docker daemon")
     worker.add_argument("--concurrency", type=int, help="jobs at once (default: number of cores)")
     worker.add_argument("--loglevel", default="INFO")
+    which = worker.add_mutually_exclusive_group()
+    which.add_argument("--daemon", metavar="NAME", type=_daemon_name,
+                       help="the name of the Docker daemon this worker drives (DOCKER_HOST); jobs that need its images "
+                            "are routed here (default: IMAGEPUB_DAEMON_NAME, else 'default')")
+    which.add_argument("--no-daemon", action="store_true",
+                       help="a worker without a daemon: only daemonless jobs (copies, uploaded archives) and control calls")
     worker.add_argument("--queues", default="jobs,control", choices=["jobs,control", "jobs", "control"],
                         help="what to consume: jobs (publish, pull, build), control (registry operations); "
                              "every worker also delivers webhooks, on threads of their own")

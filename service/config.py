@@ -10,6 +10,7 @@ comes from, and the password is only read, on the worker, at the moment it is us
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ class Registry:
     role_arn: str | None = None
     create_repositories: bool = False
     repository_defaults: RepositoryDefaults = field(default_factory=RepositoryDefaults)
+    # TLS for daemonless clients (copies between registries; the Docker daemon has its own
+    # certs.d and insecure-registries): a CA to trust for this registry, and whether it may be
+    # plain HTTP or unverified TLS (Docker's "insecure registry"; the default for loopback hosts,
+    # as the daemon has it).
+    ca_file: str | None = None
+    insecure: bool = False
+
+    @property
+    def tls_verify(self) -> bool:
+        return not self.insecure
 
     def password(self) -> str | None:
         """The registry password, read now from its environment variable or file."""
@@ -97,6 +108,11 @@ class Limits:
     max_queued_jobs: int = 10_000
     default_rate_limit: str | None = None
     max_context_bytes: int = 50 * 1024 * 1024
+    # Entries in a build context. Empty ones cost a few bytes compressed but time in the API's
+    # check and the daemon's unpacking (~17 µs each here); 10,000 covers a service's source
+    # tree, and a context near 50 MiB with more files than that is rare (node_modules belongs
+    # in .dockerignore). Raise it for contexts of many small files.
+    max_context_entries: int = 10_000
     # Live event streams one API process serves at once. Each holds a greenlet and a Redis
     # connection for as long as the job runs (the gevent worker: 1,000 connections a process);
     # followers beyond it get 503 and poll (the CLI does so by itself).
@@ -145,6 +161,47 @@ class Webhooks:
 
 
 @dataclass(frozen=True)
+class SkopeoSettings:
+    """How workers run skopeo for copies between registries (workers/skopeo.py): the program,
+    the only environment it gets (the proxy and trust variables of the worker's, never its
+    secrets), and the directory for its blob-info cache (``XDG_DATA_HOME``, skopeo's own default
+    place: where it remembers which repositories hold a blob, so that it mounts instead of
+    uploading)."""
+
+    binary: str = "skopeo"
+    environment: Mapping[str, str] = field(default_factory=dict)
+    data_home: str | None = None
+
+
+# What skopeo may see of the worker's environment.
+SKOPEO_ENVIRONMENT = ("PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+                      "SSL_CERT_FILE", "SSL_CERT_DIR", "TZ")
+
+
+def _skopeo(environ: Mapping[str, str]) -> SkopeoSettings:
+    home = environ.get("HOME") or "/root"
+    return SkopeoSettings(
+        binary=environ.get("IMAGEPUB_SKOPEO") or "skopeo",
+        environment={"PATH": "/usr/local/bin:/usr/bin:/bin",
+                     **{k: environ[k] for k in SKOPEO_ENVIRONMENT if environ.get(k)}},
+        data_home=environ.get("XDG_DATA_HOME") or str(Path(home) / ".local" / "share"),
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1, with or without a port: the hosts the
+    Docker daemon treats as insecure registries without being told."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.endswith("]") is False and "]:" in host else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     registries: Mapping[str, Registry] = field(default_factory=dict)
@@ -158,7 +215,11 @@ class Settings:
     job_timeout_seconds: int = 3600
     log_level: str = "INFO"
     docker_host: str | None = None
+    # The Docker daemon a worker serves, by name (`imagepub worker --daemon`); None for a worker
+    # without one, which takes only daemonless work.
+    daemon_name: str | None = "default"
     worker_alive_file: str | None = "/tmp/imagepub-worker.alive"
+    skopeo: SkopeoSettings = field(default_factory=SkopeoSettings)
 
     def webhook_secret(self) -> str | None:
         """The webhook signing secret, read now from the variable ``webhooks.secret_env`` names."""
@@ -392,8 +453,23 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         job_timeout_seconds=data["job_timeout_seconds"],
         log_level=environ.get("IMAGEPUB_LOG_LEVEL") or data["log_level"],
         docker_host=environ.get("DOCKER_HOST"),
+        daemon_name=_daemon_name(environ.get("IMAGEPUB_DAEMON_NAME", "default")),
         worker_alive_file=environ.get("IMAGEPUB_WORKER_ALIVE_FILE", "/tmp/imagepub-worker.alive") or None,
+        skopeo=_skopeo(environ),
     )
+
+
+# A Docker daemon's name in the fleet: a DNS label, so that a Kubernetes pod's name serves as one.
+DAEMON_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+
+
+def _daemon_name(value: str) -> str | None:
+    """``IMAGEPUB_DAEMON_NAME``: a DNS label (a pod's name serves), or empty for no daemon."""
+    if not value:
+        return None
+    if not DAEMON_NAME.fullmatch(value):
+        raise ConfigError(f"IMAGEPUB_DAEMON_NAME={value!r}: a daemon's name is lowercase letters, digits and '-' (at most 63)")
+    return value
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:

@@ -20,7 +20,6 @@ CREATE_REPOSITORY = "imagepub.control.create_repository"
 DESCRIBE_REPOSITORY = "imagepub.control.describe_repository"
 LIST_REPOSITORIES = "imagepub.control.list_repositories"
 LIST_IMAGES = "imagepub.control.list_images"
-LIST_DAEMON_IMAGES = "imagepub.control.list_daemon_images"
 
 
 def raise_from_answer(answer: dict[str, Any]) -> Any:
@@ -28,10 +27,7 @@ def raise_from_answer(answer: dict[str, Any]) -> Any:
     if answer.get("ok"):
         return answer["value"]
     err = answer.get("error") or {}
-    exc = errors.ImagepubError(err.get("message"), code=err.get("code", "internal_error"))
-    exc.status = int(err.get("status", 502))
-    exc.title = err.get("title", "Registry operation failed")
-    raise exc
+    raise errors.reported(err.get("code", "internal_error"), err.get("message"), err.get("status", 502))
 
 
 class RegistryControl:

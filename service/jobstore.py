@@ -283,9 +283,10 @@ class JobStore:
 
     # --- records ---
 
-    def create(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None) -> str | None:
+    def create(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None,
+               queue: str = JOBS_QUEUE) -> str | None:
         """Store a new job, index it, start its event stream and (with ``message``) queue it:
-        one atomic script, one round trip. A job with an ``idempotency_key`` (claimed for a
+        one atomic script, one round trip (``message`` goes on ``queue``). A job with an ``idempotency_key`` (claimed for a
         moment by ``claim_idempotency_key``) binds it with ``idempotency`` = (request hash,
         lifetime in seconds). Returns the stored JSON; None (nothing stored) when the claim had
         lapsed and another request holds the key now."""
@@ -293,7 +294,7 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else None
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
         done = self._create(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), JOBS_QUEUE, idem or self._job_key(job["id"]) + ":no-idem",
+            keys=[self._job_key(job["id"]), self._events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
                   *self._indexes(job)],
             args=[record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
                   str(ttl), f"{job['id']} {request_hash}"],
@@ -407,11 +408,12 @@ class JobStore:
         self.redis.delete(self._context_key(job_id))
 
     def queue_depth(self, max_age: float = 0.1) -> int:
-        """Messages waiting on the jobs queue (kombu keeps a Redis list per queue), read at most
+        """Jobs waiting for a worker (on whichever queue: the state index counts them all), read at most
         every ``max_age`` seconds per process: a cap needs no exact count on every request."""
         now = time.monotonic()
         if now - self._depth_read_at > max_age:
-            self._depth, self._depth_read_at = self.redis.llen(JOBS_QUEUE), now
+            # every queue (the shared one, the daemons', each daemon's) holds only queued jobs
+            self._depth, self._depth_read_at = self.redis.zcard(self.index_key(state="queued")), now
         return self._depth
 
     def ping(self) -> bool:

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .queue import JOBS_QUEUE
 
 KEY = "imagepub:metrics"
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
@@ -108,17 +107,18 @@ class _Collector:
 
 def render(store) -> bytes:
     """The Prometheus text exposition of every counter, plus gauges read now."""
-    from .jobstore import WORKER_HEARTBEAT_MAX_AGE  # the store imports this module
+    from .fleet import Fleet  # the store, which the fleet uses, imports this module
+    from .jobstore import WORKER_HEARTBEAT_MAX_AGE
 
     pipe = store.redis.pipeline(transaction=False)
     pipe.hgetall(KEY)
-    pipe.llen(JOBS_QUEUE)
     states = ("queued", "running", "retrying")
     for state in states:
         pipe.zcard(store.index_key(state=state))
     pipe.zcard(store.webhooks_key)
-    values, depth, *per_state, webhooks = pipe.execute()
-    queue = GaugeMetricFamily("imagepub_queue_depth", "Job messages waiting for a worker.", value=depth)
+    values, *per_state, webhooks = pipe.execute()
+    # every queue (shared, the daemons', each daemon's) holds exactly the queued jobs
+    queue = GaugeMetricFamily("imagepub_queue_depth", "Jobs waiting for a worker, on every queue.", value=per_state[0])
     active = GaugeMetricFamily("imagepub_jobs_active", "Unfinished jobs, by state.", labels=["state"])
     for state, count in zip(states, per_state):
         active.add_metric([state], count)
@@ -127,5 +127,10 @@ def render(store) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     pending = GaugeMetricFamily("imagepub_webhooks_pending", "Webhooks owed by ended jobs: being delivered or waiting for a retry.",
                                 value=webhooks)
-    registry.register(_Collector(values, [queue, active, workers, pending]))
+    daemon_up = GaugeMetricFamily("imagepub_daemon_up", "1 while a worker of the Docker daemon sends heartbeats.", labels=["daemon"])
+    daemon_depth = GaugeMetricFamily("imagepub_daemon_queue_depth", "Job messages waiting for a worker of the daemon.", labels=["daemon"])
+    for daemon in Fleet(store.redis, store.prefix).daemons():
+        daemon_up.add_metric([daemon.name], 1 if daemon.up else 0)
+        daemon_depth.add_metric([daemon.name], daemon.queue_depth)
+    registry.register(_Collector(values, [queue, active, workers, pending, daemon_up, daemon_depth]))
     return generate_latest(registry)

@@ -21,8 +21,17 @@ RUN_JOB = "imagepub.run_job"
 # Webhooks go through the job store's outbox (workers/outbox.py); messages of this name, sent by
 # a version before it, are still taken and moved there.
 DELIVER_WEBHOOK = "imagepub.deliver_webhook"
+# Routing (see service/routing.py): a job that needs one daemon's image store goes on that
+# daemon's queue; one that needs a daemon, any daemon, on the daemons' queue; one that needs none
+# (copies, uploaded archives) on the shared jobs queue, which every worker consumes.
 JOBS_QUEUE = "imagepub.jobs"
+DAEMONS_QUEUE = "imagepub.daemons"
 CONTROL_QUEUE = "imagepub.control"
+
+
+def daemon_queue(daemon: str) -> str:
+    """The queue of the jobs that must run next to ``daemon``."""
+    return f"imagepub.daemon.{daemon}"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -32,7 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         result_serializer="json",
         task_default_queue=JOBS_QUEUE,
-        task_queues=[Queue(JOBS_QUEUE), Queue(CONTROL_QUEUE)],
+        task_queues=[Queue(JOBS_QUEUE), Queue(DAEMONS_QUEUE), Queue(CONTROL_QUEUE)],  # and each daemon's, made when consumed
         task_routes={RUN_JOB: {"queue": JOBS_QUEUE}, DELIVER_WEBHOOK: {"queue": CONTROL_QUEUE}, "imagepub.control.*": {"queue": CONTROL_QUEUE}},
         # A job is acknowledged only when it has ended, and goes back to the queue if the worker
         # process dies under it; each worker process takes one job at a time.
@@ -74,8 +83,9 @@ class JobQueue:
     def from_config(cls, settings: Settings) -> "JobQueue":
         return cls(make_celery(settings))
 
-    def message(self, job_id: str) -> str:
-        """The kombu/Celery message that runs ``job_id``, as the Redis transport stores it."""
+    def message(self, job_id: str, queue: str = JOBS_QUEUE) -> str:
+        """The kombu/Celery message that runs ``job_id`` from ``queue``, as the Redis transport
+        stores it (in the list named by the queue)."""
         task_id = str(uuid.uuid4())
         headers, properties, body, _ = self.celery.amqp.as_task_v2(
             task_id, RUN_JOB, args=[job_id], kwargs={}, ignore_result=True, origin=self._origin,
@@ -89,7 +99,7 @@ class JobQueue:
             delivery_tag=str(uuid.uuid4()),
             # the default exchange, as Celery routes it: kombu restores an unacknowledged
             # message (a worker's warm shutdown) by this exchange and routing key
-            delivery_info={"exchange": "", "routing_key": JOBS_QUEUE},
+            delivery_info={"exchange": "", "routing_key": queue},
         )
         return json.dumps({
             "body": base64.b64encode(json.dumps(body).encode()).decode(),
@@ -99,7 +109,8 @@ class JobQueue:
             "properties": properties,
         })
 
-    def enqueue(self, job_id: str) -> None:
-        """Queue ``job_id`` (the API queues new jobs with their record: JobStore.create)."""
+    def enqueue(self, job_id: str, queue: str = JOBS_QUEUE) -> None:
+        """Queue ``job_id`` on ``queue`` (the API queues new jobs with their record:
+        JobStore.create)."""
         with self.celery.pool.acquire(block=True) as connection:
-            connection.default_channel.client.lpush(JOBS_QUEUE, self.message(job_id))
+            connection.default_channel.client.lpush(queue, self.message(job_id, queue))

@@ -12,7 +12,7 @@ import re
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from .config import Limits
+from .config import DAEMON_NAME, Limits, Registry
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*", re.ASCII)
@@ -32,6 +32,10 @@ SOURCE_RE = re.compile(
 ECR_REPOSITORY_RE = re.compile(r"(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)*[a-z0-9]+(?:[._-][a-z0-9]+)*", re.ASCII)
 MAX_REPOSITORY = 255
 MAX_SOURCE = 512
+# Docker's limit for an image name *with* its registry host (distribution/reference's
+# NameTotalLengthMax): the daemon refuses a longer `host/repository` when it tags or pulls.
+MAX_IMAGE_NAME = 255
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
 
 
 def _matches(regex: re.Pattern, what: str):
@@ -54,6 +58,47 @@ def ecr_repository(value: str) -> None:
             "not a valid ECR repository name: 2 to 256 characters, lowercase alphanumerics with single "
             "'.', '_' or '-' between them, and '/' between path components"
         )
+
+
+def image_name(registry: Registry, repository: str) -> str:
+    """The name the daemon gives an image of ``repository`` in ``registry``, host included, as
+    Docker counts it. An ECR host is ``<account>.dkr.ecr.<region>.amazonaws.com`` (``.com.cn``
+    in China), the ``proxyEndpoint`` GetAuthorizationToken answers: an account id always has 12
+    digits, so its length is known before a worker asks AWS for it. Docker Hub names a
+    one-component repository ``library/…``."""
+    if registry.type == "ecr":
+        domain = "amazonaws.com.cn" if (registry.region or "").startswith("cn-") else "amazonaws.com"
+        return f"{registry.account_id or '0' * 12}.dkr.ecr.{registry.region}.{domain}/{repository}"
+    if registry.host in DOCKER_HUB_HOSTS:
+        return f"docker.io/{repository if '/' in repository else 'library/' + repository}"
+    return f"{registry.host}/{repository}"
+
+
+def repository_in(registry: Registry, repository: str) -> None:
+    """What a registry adds to the rules for a repository name: ECR's stricter grammar, and
+    Docker's limit for the whole image name, the registry's host included."""
+    if registry.type == "ecr":
+        ecr_repository(repository)
+    name = image_name(registry, repository)
+    if len(name) > MAX_IMAGE_NAME:
+        room = MAX_IMAGE_NAME - (len(name) - len(repository))
+        raise ValidationError(
+            f"too long for registry {registry.name!r}: the image name {name[:len(name) - len(repository)]}… would have "
+            f"{len(name)} characters, Docker allows {MAX_IMAGE_NAME} with the host, so at most {room} for the repository"
+        )
+
+
+def _source_name(value: str) -> None:
+    """An image in the daemon has a name Docker allows: counted as Docker counts it, with the
+    ``docker.io/`` (and ``library/``) it adds to a name without a registry host."""
+    name = value.split("@", 1)[0]
+    if ":" in name.rsplit("/", 1)[-1]:
+        name = name.rsplit(":", 1)[0]  # the tag
+    first, _, rest = name.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost"):
+        name = f"docker.io/{name if rest else 'library/' + name}"
+    if len(name) > MAX_IMAGE_NAME:
+        raise ValidationError(f"the image name {name[:40]}… has {len(name)} characters as Docker counts it; Docker allows {MAX_IMAGE_NAME}")
 
 
 class StrictBoolean(fields.Boolean):
@@ -86,9 +131,14 @@ class TargetSchema(_Strict):
         return data
 
 
+def DaemonName(**kwargs) -> fields.String:
+    return fields.String(validate=_matches(DAEMON_NAME, "daemon name (lowercase letters, digits and '-', at most 63)"), **kwargs)
+
+
 class PublishSchema(_Strict):
+    daemon = DaemonName()
     source = fields.String(
-        required=True, validate=[validate.Length(max=MAX_SOURCE), _matches(SOURCE_RE, "image reference or id")]
+        required=True, validate=[validate.Length(max=MAX_SOURCE), _matches(SOURCE_RE, "image reference or id"), _source_name]
     )
     targets = fields.List(fields.Nested(TargetSchema), required=True, validate=validate.Length(min=1))
     create_repository = StrictBoolean(load_default=False)
@@ -141,6 +191,7 @@ class BuildSchema(PublishSchema):
 
 
 class PullSchema(_Strict):
+    daemon = DaemonName()
     registry = RegistryName()
     repository = Repository()
     tag = Tag()
@@ -207,4 +258,5 @@ class PageQuery(_Strict):
 
 
 class DaemonImagesQuery(_Strict):
+    daemon = DaemonName()
     reference = fields.String(validate=[validate.Length(min=1, max=MAX_SOURCE), _matches(re.compile(r"[A-Za-z0-9_./:@*?-]+", re.ASCII), "reference filter")])

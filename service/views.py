@@ -21,8 +21,9 @@ from .build_context import ContextRefused, check_context
 from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
+from .routing import queue_for
 from .jobstore import TERMINAL_STATES, is_job_id
-from .schemas import BuildSchema, JobListQuery, ecr_repository
+from .schemas import BuildSchema, JobListQuery, repository_in
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
@@ -46,15 +47,15 @@ def _check_registries(names: list[tuple[str, str]]) -> None:
 
 
 def _check_ecr_names(names: list[tuple[str, str, str]]) -> None:
-    """ECR's repository grammar is stricter than Docker's: refuse at the door what ECR would."""
+    """What each registry adds to the name rules (ECR's stricter grammar; Docker's length limit
+    with the registry's host): refuse at the door what the daemon or ECR would later."""
     registries = ctx()["settings"].registries
     errors = []
     for field, registry, repository in names:
-        if registries[registry].type == "ecr":
-            try:
-                ecr_repository(repository)
-            except ValidationError as exc:
-                errors.append({"field": field, "message": "; ".join(exc.messages)})
+        try:
+            repository_in(registries[registry], repository)
+        except ValidationError as exc:
+            errors.append({"field": field, "message": "; ".join(exc.messages)})
     if errors:
         raise ValidationFailed(errors)
 
@@ -113,7 +114,7 @@ def _check_queue_depth(store, settings) -> None:
         )
 
 
-def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None) -> Response:
+def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None, daemon: str | None = None) -> Response:
     settings, store, queue = ctx()["settings"], ctx()["store"], ctx()["queue"]
     client, key = current_client().name, request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
@@ -123,6 +124,8 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
         normalized = {**normalized, "context_sha256": hashlib.sha256(context).hexdigest(), "context_bytes": len(context)}
     job = new_job(kind, normalized)
     job["client"] = client
+    if daemon is not None:
+        job["daemon"] = daemon
     _check_queue_depth(store, settings)
     if key is not None:
         job["idempotency_key"] = key
@@ -134,7 +137,8 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
         if context is not None:
             store.put_context(job["id"], context)
         # the key's binding outlives the job's retention; shortened to it when the job ends
-        record = store.create(job, message=queue.message(job["id"]),
+        route = queue_for(job)
+        record = store.create(job, message=queue.message(job["id"], route), queue=route,
                               idempotency=(request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None)
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
@@ -149,7 +153,7 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None)
     if record is None:  # our claim of the key lapsed and another request took it: that one stands
         store.drop_context(job["id"])
         bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
-        return _replay(store, *bound, request_hash) if bound else _submit(kind, normalized, context)
+        return _replay(store, *bound, request_hash) if bound else _submit(kind, normalized, context, daemon)
     log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})
     return _accepted(job, record=record)
 
@@ -160,7 +164,8 @@ def publish():
     data = load(ctx()["schemas"]["publish"], json_body())
     require_source(client, data["source"])
     _check_targets(client, data)
-    return _submit("publish", data)
+    # where the source is: the daemon named, or the one that holds it (service/fleet.py)
+    return _submit("publish", data, daemon=ctx()["fleet"].place(data["source"], data.get("daemon")))
 
 
 @jobs.post("/v1/pull")
@@ -168,6 +173,8 @@ def pull():
     client = require_scope("pull")
     data = load(ctx()["schemas"]["pull"], json_body())
     _check_places(client, data, [("", data["registry"], data["repository"])])
+    if data.get("daemon"):
+        ctx()["fleet"].check_known(data["daemon"])
     return _submit("pull", data)
 
 
@@ -210,7 +217,12 @@ def _job_or_404(job_id: str) -> dict[str, Any]:
 
 @jobs.get("/v1/jobs/<job_id>")
 def get_job(job_id: str):
-    return jsonify(_job_or_404(job_id))
+    job = _job_or_404(job_id)
+    if job["state"] == "queued" and job.get("daemon"):
+        reason = ctx()["fleet"].why_waiting(job["daemon"])
+        if reason:
+            job["waiting_for"] = reason
+    return jsonify(job)
 
 
 @jobs.get("/v1/jobs")

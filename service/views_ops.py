@@ -34,6 +34,10 @@ def readyz():
         checks["workers"] = {"ok": bool(workers), "live": len(workers)}
         if not workers:
             checks["workers"]["detail"] = f"no worker heartbeat in the last {WORKER_HEARTBEAT_MAX_AGE:.0f} s"
+        # each daemon: informational (a daemon without a worker holds up its own jobs only)
+        daemons = ctx()["fleet"].daemons()
+        checks["daemons"] = {"ok": True, "up": sorted(d.name for d in daemons if d.up),
+                             "down": sorted(d.name for d in daemons if not d.up)}
     else:
         checks["workers"] = {"ok": False, "detail": "unknown while Redis is unavailable"}
     ready = all(c["ok"] for c in checks.values())

@@ -12,6 +12,7 @@ from marshmallow import ValidationError
 from . import control, schemas
 from .errors import NotFound, ValidationFailed
 from .access import image_for
+from .fleet import matches_reference
 from .auth import is_admin, may_use_repository, require_repositories, require_scope
 from .http import ctx, json_body, load, load_query
 
@@ -89,13 +90,34 @@ def describe_repository(registry: str, repository: str):
 
 @registries.get("/v1/images")
 def list_daemon_images():
-    """``docker image ls`` of a worker's daemon (answered by whichever worker takes the call).
-    The daemon is shared by every client: a client sees only images with a name in its
-    repositories, and only those names (service/access.py); the worker's host name is for
-    admins. Filtered here, where the client is known."""
+    """``docker image ls`` of the fleet's daemons (``daemon``: of one), each image with its
+    ``daemon``, from the image index the workers keep (service/fleet.py): the same answer from
+    every API process on every call. The daemons are shared by every client: a client sees only
+    images with a name in its repositories, and only those names (service/access.py); the
+    workers' host names are for admins. Filtered here, where the client is known."""
     client = require_scope("read")
     query = load_query(schemas.DaemonImagesQuery())
-    answer = ctx()["control"].call(control.LIST_DAEMON_IMAGES, query.get("reference"))
-    if is_admin(client):
-        return jsonify(answer)
-    return jsonify({"images": [shown for image in answer["images"] if (shown := image_for(client, image)) is not None]})
+    fleet = ctx()["fleet"]
+    if query.get("daemon"):
+        fleet.check_known(query["daemon"])
+        names = [query["daemon"]]
+    else:
+        names = [d.name for d in fleet.daemons()]
+    images = fleet.images(names)
+    if query.get("reference"):
+        images = [image for image in images if matches_reference(image, query["reference"])]
+    if not is_admin(client):
+        images = [shown for image in images if (shown := image_for(client, image)) is not None]
+    return jsonify({"images": images})
+
+
+@registries.get("/v1/daemons")
+def list_daemons():
+    """The fleet: each daemon with its state (``up`` while a worker of it sends heartbeats),
+    its workers, Docker version and queue depth. Host names are for admins."""
+    client = require_scope("read")
+    daemons = [d.to_dict() for d in ctx()["fleet"].daemons()]
+    if not is_admin(client):
+        for daemon in daemons:
+            daemon["workers"] = [{k: v for k, v in w.items() if k not in ("hostname", "worker")} for w in daemon["workers"]]
+    return jsonify({"daemons": daemons})

@@ -82,10 +82,16 @@ def problem(resp, status: int, code: str) -> dict:
     return body
 
 
+def job_queues(redis_client) -> list[str]:
+    """Every job queue (kombu's Redis lists): the shared one, the daemons', each daemon's."""
+    return ["imagepub.jobs", "imagepub.daemons", *sorted(redis_client.scan_iter("imagepub.daemon.*", _type="list"))]
+
+
 def queued_job_ids(redis_client) -> list[str]:
-    """Job ids in the Celery messages waiting on the jobs queue (kombu's Redis list)."""
+    """Job ids in the Celery messages waiting on the job queues (kombu's Redis lists)."""
     ids = []
-    for raw in redis_client.lrange("imagepub.jobs", 0, -1):
+    raws = [raw for queue in job_queues(redis_client) for raw in redis_client.lrange(queue, 0, -1)]
+    for raw in raws:
         message = json.loads(raw)
         body = json.loads(base64.b64decode(message["body"]))
         ids.append(body[0][0])

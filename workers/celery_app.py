@@ -25,13 +25,36 @@ def _keep_our_logging(**_):
 
 @signals.worker_ready.connect
 def _start_supervisor(sender=None, **_):
-    """Heartbeats, due retries and recovery of jobs whose worker died: from the main process."""
+    """Heartbeats (this worker and its daemon in the fleet), the daemon's image index, due retries
+    and recovery of jobs whose worker died: from the main process."""
+    from service.fleet import Fleet
+
+    from .docker_engine import DockerEngine
+    from .fleet import DaemonIndex
     from .supervisor import Supervisor
 
     name = f"{getattr(sender, 'hostname', None) or socket.gethostname()}:{os.getpid()}"
-    supervisor = Supervisor(settings, JobStore.from_config(settings), JobQueue(app), name)
+    store = JobStore.from_config(settings)
+    info = {"hostname": socket.gethostname(), "pid": os.getpid(), "daemon": settings.daemon_name,
+            "concurrency": getattr(getattr(sender, "controller", None), "concurrency", None)}
+    index = None
+    if settings.daemon_name:
+        engine = DockerEngine.from_config(settings)
+        try:
+            info["docker_version"] = engine.version()
+        except Exception:  # the daemon is not up yet: the index says so until it is
+            info["docker_version"] = None
+        index = DaemonIndex(Fleet(store.redis, store.prefix), engine, settings.daemon_name)
+        index.start()
+    supervisor = Supervisor(settings, store, JobQueue(app), name, info)
     supervisor.start()
-    signals.worker_shutdown.connect(lambda **_: supervisor.stop(), weak=False)
+
+    def stop(**_):
+        supervisor.stop()
+        if index:
+            index.stop()
+
+    signals.worker_shutdown.connect(stop, weak=False)
 
 
 @signals.worker_ready.connect

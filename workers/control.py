@@ -7,7 +7,6 @@ errors travel as data so the API can render the very same problem+json.
 from __future__ import annotations
 
 import functools
-import socket
 from typing import Any, Callable
 
 from service import control, errors
@@ -72,9 +71,3 @@ def list_repositories(registry: str, limit: int, cursor: str | None) -> dict[str
 def list_images(registry: str, repository: str, limit: int, cursor: str | None) -> dict[str, Any]:
     images, next_cursor = _ecr(registry).ecr.list_images(repository, limit=limit, cursor=cursor)
     return {"images": images, "next_cursor": next_cursor}
-
-
-@app.task(name=control.LIST_DAEMON_IMAGES, acks_late=False, ignore_result=False)
-@_answer
-def list_daemon_images(reference: str | None) -> dict[str, Any]:
-    return {"worker": socket.gethostname(), "images": get_deps().engine.list_images(reference)}

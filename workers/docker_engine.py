@@ -233,6 +233,14 @@ class DockerEngine:
             raise errors.BuildFailed(f"{step or 'build'}: the daemon reported no image")
         return image_id
 
+    def version(self) -> str:
+        return self._call("version", self.api.version).get("Version", "unknown")
+
+    def image_events(self) -> Iterator[dict[str, Any]]:
+        """The daemon's image events as they happen (tag, untag, pull, delete, load, …); the
+        stream ends with an exception when the daemon goes away."""
+        return self.api.events(filters={"type": "image"}, decode=True)
+
     def list_images(self, reference: str | None = None) -> list[dict[str, Any]]:
         """``docker image ls`` (optionally ``--filter reference=…``), newest first."""
         filters = {"reference": reference} if reference else None

@@ -25,6 +25,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from service import errors
 from service.jobstore import TERMINAL_STATES, utcnow
+from service.queue import DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue
+from service.routing import needs_daemon, queue_for
 
 from .deps import Deps
 from .leases import Leases
@@ -139,6 +141,15 @@ class Progress:
             raise errors.Cancelled("the job was ended by a caller")
 
 
+def serves(queue: str, daemon: str | None) -> bool:
+    """May a worker of ``daemon`` (None: a worker without one) run a job routed to ``queue``?"""
+    if queue == JOBS_QUEUE:
+        return True
+    if queue == DAEMONS_QUEUE:
+        return daemon is not None
+    return daemon is not None and queue == daemon_queue(daemon)
+
+
 def run(job_id: str, deps: Deps) -> None:
     # The lock first, then the record: one read, and it is current (nobody else runs the job).
     guard = Guard(deps, job_id)
@@ -153,8 +164,17 @@ def run(job_id: str, deps: Deps) -> None:
         if job["state"] in TERMINAL_STATES:
             log.info("job already ended; ignoring a duplicate delivery", extra={"job_id": job_id, "state": job["state"]})
             return
+        route = queue_for(job)
+        if not serves(route, deps.settings.daemon_name):
+            # on a queue this worker should not have taken it from (a message from before the
+            # fleet's routing, say): send it where it runs
+            log.warning("job belongs on %s; moving it there", route, extra={"job_id": job_id})
+            deps.queue.enqueue(job_id, route)
+            return
         if job["state"] == "retrying":
             deps.store.unschedule(job_id)  # due now (or delivered twice): it runs here
+        if needs_daemon(job):
+            job["daemon"] = deps.settings.daemon_name  # where it ran (a build, a pull: any daemon)
         _run_locked(job, deps, guard)
     finally:
         guard.release()

@@ -21,8 +21,10 @@ import time
 import redis
 
 from service.config import Settings
+from service.fleet import Fleet
 from service.jobstore import JobStore
 from service.queue import JobQueue
+from service.routing import queue_for
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,31 @@ HEARTBEAT_SECONDS = 10.0
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, name: str):
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, name: str, info: dict | None = None):
         self.settings, self.store, self.queue, self.name = settings, store, queue, name
+        self.fleet = Fleet(store.redis, store.prefix)
+        self.info = info or {}  # what the fleet shows of this worker: its daemon, host, concurrency
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imagepub-supervisor", daemon=True)
 
     def start(self) -> None:
-        self.store.heartbeat(self.name)
+        self.fleet.register(self.name, self.info)
         self._touch_alive_file()
         self._thread.start()
 
     def stop(self) -> None:
+        """At a warm shutdown: leave the fleet at once (not after the heartbeat's age) and
+        remove the alive file (a leftover would claim a worker that is gone)."""
         self._stop.set()
+        try:
+            self.fleet.unregister(self.name)
+        except redis.exceptions.RedisError:
+            pass
+        if self.settings.worker_alive_file:
+            try:
+                os.unlink(self.settings.worker_alive_file)
+            except OSError:
+                pass
 
     def _loop(self) -> None:
         last_beat = last_scan = 0.0
@@ -53,7 +68,7 @@ class Supervisor:
                     # outage shows in readiness, and must not get every worker restarted.
                     self._touch_alive_file()
                     last_beat = now
-                    self.store.heartbeat(self.name)
+                    self.fleet.register(self.name, self.info)
                 self.enqueue_due()
                 if now - last_scan >= self.settings.recovery.scan_interval_seconds:
                     self.recover_orphans()
@@ -83,7 +98,7 @@ class Supervisor:
         for job_id in due:
             # Enqueue first, then forget: a crash in between means a duplicate delivery, which
             # the job lock and the state check absorb; the other order could lose the job.
-            self.queue.enqueue(job_id)
+            self._enqueue(job_id)
             self.store.unschedule(job_id)
         log.info("enqueued due retries", extra={"count": len(due)})
         return len(due)
@@ -100,5 +115,12 @@ class Supervisor:
         orphans = [job_id for job_id, locked in zip(running, pipe.execute()) if not locked]
         for job_id in orphans:
             log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
-            self.queue.enqueue(job_id)
+            self._enqueue(job_id)
         return orphans
+
+    def _enqueue(self, job_id: str) -> None:
+        """Queue the job where its first run was queued (service/routing.py): a job that needs
+        one daemon goes back to that daemon's queue."""
+        job = self.store.get(job_id)
+        if job is not None:
+            self.queue.enqueue(job_id, queue_for(job))

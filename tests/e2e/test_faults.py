@@ -23,7 +23,6 @@ import json
 import os
 import random
 import tarfile
-import threading
 import time
 
 import pytest

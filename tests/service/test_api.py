@@ -17,7 +17,10 @@ def test_publish_is_stored_then_enqueued(client, redis_client):
     assert job["request"] == {**GOOD, "create_repository": False, "callback_url": None}
     assert job["targets"][0]["tags"] == ["latest", "1.4.2"] and job["targets"][0]["digest"] is None
     assert queued_job_ids(redis_client) == [job["id"]]
-    assert client.get(resp.headers["Location"]).get_json() == job
+    assert job["daemon"] == "default"  # no worker has registered a daemon yet: the single daemon's name
+    read = client.get(resp.headers["Location"]).get_json()
+    assert read.pop("waiting_for") == "daemon default has no worker"  # none is running in these tests
+    assert read == job
 
 
 def test_pull_defaults_to_latest(client, redis_client):
