@@ -48,7 +48,7 @@ from .metrics import KEY as METRICS_KEY
 from .metrics import Metrics, metric_field
 from .queue import JOBS_QUEUE
 
-KINDS = ("publish", "pull", "build")
+KINDS = ("publish", "pull", "build", "copy")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_MAXLEN = 2000
@@ -254,6 +254,11 @@ class JobStore:
         """The lock a running job's worker holds (and keeps alive); the supervisor takes a
         running job without one for an orphan."""
         return f"{self.prefix}lock:job:{job_id}"
+
+    def requeued_key(self, job_id: str) -> str:
+        """Set while a job whose worker died waits, re-enqueued, for a worker to take it: the
+        supervisor enqueues it once, not at every scan (its daemon may be down for long)."""
+        return f"{self.prefix}job:{job_id}:requeued"
 
     def repository_lock_key(self, repository_ref: str) -> str:
         """The lease a job holds while it tags and pushes to ``host/repository`` (one at a time,

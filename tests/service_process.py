@@ -65,22 +65,27 @@ class Service:
         }
         self.api = Api(f"http://127.0.0.1:{self.port}")
 
-    def start_api(self) -> None:
-        self.stack.spawn(f"{self.name}-api", [imagepub_command(), "serve", "--bind", f"127.0.0.1:{self.port}", "--workers", "2"], env=self.env)
+    def start_api(self, suffix: str = "api", port: int | None = None) -> Api:
+        """``imagepub serve`` (another one beside the first with another ``suffix``)."""
+        port = port or self.port
+        api = self.api if port == self.port else Api(f"http://127.0.0.1:{port}")
+        self.stack.spawn(f"{self.name}-{suffix}", [imagepub_command(), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env=self.env)
         deadline = time.monotonic() + 30
         while True:
             try:
-                if self.api.get("/healthz").status_code == 200:
-                    return
+                if api.get("/healthz").status_code == 200:
+                    return api
             except requests.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("API did not start:\n" + self.stack.log(f"{self.name}-api")[-3000:])
+                raise RuntimeError("API did not start:\n" + self.stack.log(f"{self.name}-{suffix}")[-3000:])
             time.sleep(0.2)
 
-    def start_worker(self, concurrency: int = 2, suffix: str = "worker") -> None:
+    def start_worker(self, concurrency: int = 2, suffix: str = "worker", args: tuple[str, ...] = (), env: dict | None = None) -> None:
+        """``imagepub worker`` (``args``: more of its options, e.g. ``--daemon b``; ``env``:
+        e.g. another ``DOCKER_HOST``)."""
         name = f"{self.name}-{suffix}"
-        self.stack.spawn(name, [imagepub_command(), "worker", "--concurrency", str(concurrency)], env=self.env)
+        self.stack.spawn(name, [imagepub_command(), "worker", "--concurrency", str(concurrency), *args], env={**self.env, **(env or {})})
         self.stack.wait_for_log(name, "ready", timeout=60)
 
     def kill_worker(self, suffix: str = "worker") -> None:

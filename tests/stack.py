@@ -538,27 +538,63 @@ class Stack:
                 "CAP_SYS_ADMIN, i.e. not an unprivileged container)"
             )
 
-        sock = self.tmp / "docker.sock"
-        self.docker_host = f"unix://{sock}"
+        self.docker_host = f"unix://{self.tmp / 'docker.sock'}"
+        self._dockerd_argv = self._dockerd_command(self.tmp, self.docker_host)
+        self._spawn_infra("dockerd", self._dockerd_argv)
+
+    def _dockerd_command(self, root: Path, host: str) -> list[str]:
+        """dockerd with its state under ``root``, started in a private mount namespace that sees
+        the stack's hosts file and /etc/docker (the emulated ECR's name and CA)."""
+        ns = self.tmp / "ns"
         dockerd = [
             _which("dockerd"),
-            "--host", self.docker_host,
-            "--data-root", str(self.tmp / "data"),
-            "--exec-root", str(self.tmp / "exec"),
-            "--pidfile", str(self.tmp / "docker.pid"),
-            "--config-file", str(daemon_json),
+            "--host", host,
+            "--data-root", str(root / "data"),
+            "--exec-root", str(root / "exec"),
+            "--pidfile", str(root / "docker.pid"),
+            "--config-file", str(self.tmp / "daemon.json"),
             "--iptables=false", "--ip-forward=false", "--ip-masq=false",
             "--bridge=none", "--storage-driver=vfs",
         ]
         q = shlex.quote
         script = (
             "set -e; "
-            f"mount --bind {q(str(hosts))} /etc/hosts; "
-            f"mount --bind {q(str(etc_docker))} /etc/docker; "
+            f"mount --bind {q(str(ns / 'hosts'))} /etc/hosts; "
+            f"mount --bind {q(str(ns / 'etc-docker'))} /etc/docker; "
             f"exec {shlex.join(dockerd)}"
         )
-        self._dockerd_argv = [_which("unshare"), "--mount", "--propagation", "private", "sh", "-c", script]
-        self._spawn_infra("dockerd", self._dockerd_argv)
+        return [_which("unshare"), "--mount", "--propagation", "private", "sh", "-c", script]
+
+    def add_dockerd(self, name: str) -> str:
+        """Another private daemon beside the first (its own socket, data root, exec root and
+        pidfile: images built in one are invisible to the other), as a second host of a fleet
+        would have. Returns its DOCKER_HOST; stopped at teardown like the rest."""
+        root = self.tmp / f"dockerd-{name}"
+        root.mkdir()
+        host = f"unix://{root / 'docker.sock'}"
+        component = f"dockerd-{name}"
+        started = time.monotonic()
+        self._spawn_infra(component, self._dockerd_command(root, host))
+
+        def ready() -> bool:
+            if not (root / "docker.sock").exists():
+                return False
+            import docker
+
+            client = docker.DockerClient(base_url=host, version="auto", timeout=5)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+
+        self._wait(component, ready, started, timeout=60)
+        return host
+
+    def in_ecr_hosts_namespace(self, argv: list[str]) -> list[str]:
+        """*argv* run in a private mount namespace with the daemon's /etc/hosts bind-mounted."""
+        hosts = shlex.quote(str(self.tmp / "ns" / "hosts"))
+        return [_which("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+                f'set -e; mount --bind {hosts} /etc/hosts; exec "$@"', "sh", *argv]
 
     def stop_dockerd(self, timeout: float = 20.0) -> None:
         """Stop the daemon (SIGTERM: it stops its containerd and cancels pushes and pulls)."""
@@ -595,11 +631,11 @@ class Stack:
         """PID of the private dockerd (unshare and sh exec into it)."""
         return self._infra["dockerd"].pid
 
-    def docker(self, timeout: int = 300):
-        """A docker.DockerClient for the private daemon (caller may close it)."""
+    def docker(self, timeout: int = 300, base_url: str | None = None):
+        """A docker.DockerClient for the private daemon, or another at *base_url* (caller may close it)."""
         import docker
 
-        return docker.DockerClient(base_url=self.docker_host, version="auto", timeout=timeout)
+        return docker.DockerClient(base_url=base_url or self.docker_host, version="auto", timeout=timeout)
 
     def _client(self):
         if self._docker_client is None:
@@ -607,10 +643,11 @@ class Stack:
         return self._docker_client
 
     def build_image(self, tag: str, layers: int = 3, layer_bytes: int = 64 * 1024,
-                    labels: Mapping[str, str] | None = None) -> str:
+                    labels: Mapping[str, str] | None = None, docker_host: str | None = None) -> str:
         """Build ``FROM scratch`` + *layers* COPY steps of random bytes; return the image id.
 
-        Uses the legacy builder. Every call gives new content (so new digests).
+        Uses the legacy builder, in the stack's daemon or the one at *docker_host*. Every call
+        gives new content (so new digests).
         """
         ctx = Path(tempfile.mkdtemp(prefix="build-", dir=self.tmp))
         try:
@@ -621,7 +658,7 @@ class Stack:
             for k, v in (labels or {}).items():
                 lines.append(f"LABEL {json.dumps(k)}={json.dumps(v)}")
             (ctx / "Dockerfile").write_text("\n".join(lines) + "\n")
-            api = self._client().api
+            api = self._client().api if docker_host is None else self.docker(base_url=docker_host).api
             image_id = None
             errors = []
             for chunk in api.build(path=str(ctx), tag=tag, rm=True, forcerm=True, decode=True):
@@ -779,19 +816,27 @@ class Stack:
         return env
 
     def spawn(self, name: str, argv: list[str], env: Mapping[str, str | None] | None = None,
-              cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+              cwd: str | os.PathLike | None = None, ecr_hosts: bool = False) -> subprocess.Popen:
         """Start a managed process (own process group, output to ``tmp/logs/<name>.log``).
 
         The environment is ``self.env()`` updated with *env* (a value of None removes
         a variable). The process is killed at teardown. A name may be reused once its
         previous process has exited (the log is appended to).
+
+        With *ecr_hosts*, the process runs in a private mount namespace whose /etc/hosts is
+        the daemon's (the ECR host name resolves to the emulated registry), as a daemonless
+        client in a worker must reach it; unlike the daemon's, its /etc/docker is the
+        machine's: it trusts the test CA only when told to (a registry's ``ca_file``).
         """
         with self._lock:
             old = self._procs.get(name)
             if old is not None and old.poll() is None:
                 raise StackError(f"a process named {name!r} is still running (pid {old.pid})")
             full_env = self.env(**dict(env or {}))
-            proc = self._popen(name, [str(a) for a in argv], full_env, cwd=cwd)
+            argv = [str(a) for a in argv]
+            if ecr_hosts:
+                argv = self.in_ecr_hosts_namespace(argv)
+            proc = self._popen(name, argv, full_env, cwd=cwd)
             self._procs[name] = proc
             return proc
 

@@ -31,12 +31,13 @@ from service.routing import needs_daemon, queue_for
 from .deps import Deps
 from .leases import Leases
 from .build import build
+from .copy import copy
 from .publish import publish
 from .pull import pull
 
 log = logging.getLogger(__name__)
 
-STEPS = {"publish": publish, "pull": pull, "build": build}
+STEPS = {"publish": publish, "pull": pull, "build": build, "copy": copy}
 # How often a job waiting for another job's lease looks again (and for a cancellation).
 LEASE_POLL_SECONDS = 0.1
 
@@ -157,6 +158,7 @@ def run(job_id: str, deps: Deps) -> None:
         log.info("job is running elsewhere; ignoring a duplicate delivery", extra={"job_id": job_id})
         return
     try:
+        deps.redis.delete(deps.store.requeued_key(job_id))  # taken: if this worker dies too, re-enqueue again
         job = deps.store.get(job_id)
         if job is None:
             log.warning("job is not in the store (expired?); dropping the message", extra={"job_id": job_id})

@@ -29,6 +29,7 @@ from service.routing import queue_for
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+REQUEUE_MARK_SECONDS = 600
 
 
 class Supervisor:
@@ -113,10 +114,15 @@ class Supervisor:
         for job_id in running:
             pipe.exists(self.store.job_lock_key(job_id))
         orphans = [job_id for job_id, locked in zip(running, pipe.execute()) if not locked]
+        requeued = []
         for job_id in orphans:
-            log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
-            self._enqueue(job_id)
-        return orphans
+            # once: until a worker takes the job (which clears the mark), or the mark expires
+            # (a message lost with an unpersisted Redis)
+            if self.store.redis.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
+                log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
+                self._enqueue(job_id)
+                requeued.append(job_id)
+        return requeued
 
     def _enqueue(self, job_id: str) -> None:
         """Queue the job where its first run was queued (service/routing.py): a job that needs
