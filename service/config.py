@@ -191,8 +191,11 @@ def _skopeo(environ: Mapping[str, str]) -> SkopeoSettings:
 def is_loopback(host: str) -> bool:
     """``localhost`` or an address in 127.0.0.0/8 or ::1, with or without a port: the hosts the
     Docker daemon treats as insecure registries without being told."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.endswith("]") is False and "]:" in host else host
-    name = name.strip("[]")
+    name = host
+    if name.startswith("[") and "]" in name:  # [::1] or [::1]:5000
+        name = name[1:name.index("]")]
+    elif name.count(":") == 1:  # host:port
+        name = name.split(":", 1)[0]
     if name == "localhost":
         return True
     try:
@@ -266,6 +269,8 @@ class _RegistrySchema(Schema):
     role_arn = fields.String()
     create_repositories = fields.Boolean(load_default=False)
     repository_defaults = fields.Nested(_RepositoryDefaultsSchema, load_default=RepositoryDefaults)
+    ca_file = fields.String(validate=validate.Length(min=1, max=4096))
+    insecure = fields.Boolean()
 
     @pre_load
     def no_inline_password(self, data, **_):
@@ -283,12 +288,16 @@ class _RegistrySchema(Schema):
             for key in ("region", "account_id", "role_arn"):
                 if key in data:
                     raise ValidationError("only for type: ecr", key)
+            if data.get("insecure") and data.get("ca_file"):
+                raise ValidationError("an insecure registry's certificate is not checked: drop ca_file or insecure", "insecure")
         else:
             if not data.get("region"):
                 raise ValidationError("required for type: ecr", "region")
             for key in ("host", "username", "password_env", "password_file"):
                 if key in data:
                     raise ValidationError("ECR credentials come from the AWS credential chain", key)
+            if "insecure" in data:
+                raise ValidationError("ECR is always HTTPS with a verified certificate", "insecure")
 
 
 class _LimitsSchema(Schema):
@@ -421,6 +430,8 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
     registries = {}
     for name, reg in data["registries"].items():
         defaults = reg.pop("repository_defaults")
+        if reg["type"] == "registry" and "insecure" not in reg:
+            reg["insecure"] = is_loopback(reg["host"])
         registries[name] = Registry(name=name, repository_defaults=defaults, **reg)
     limits = data["limits"]
     clients = tuple(

@@ -157,6 +157,19 @@ class ManifestNotFound(JobFailed):
     code, status, title = "manifest_not_found", 404, "Manifest not found"
 
 
+class CopyFailed(JobFailed):
+    """A copy between registries failed for a reason no other class names (skopeo's words)."""
+
+    code, status, title = "copy_failed", 502, "Copy failed"
+
+
+class RegistryTlsFailed(JobFailed):
+    """The registry's certificate is not trusted (its ``ca_file`` is missing or wrong), or TLS
+    failed otherwise: a configuration matter, not worth another attempt."""
+
+    code, status, title = "registry_tls_failed", 502, "Registry TLS failed"
+
+
 class Cancelled(ImagepubError):
     code, status, title = "cancelled", 409, "Cancelled"
 

@@ -28,7 +28,7 @@ def new_job(kind: str, request: dict[str, Any]) -> dict[str, Any]:
         "error": None,
         "last_error": None,
     }
-    if kind in ("publish", "build"):
+    if kind in ("publish", "build", "copy"):
         job["targets"] = [
             {
                 "registry": t["registry"],
@@ -47,4 +47,9 @@ def new_job(kind: str, request: dict[str, Any]) -> dict[str, Any]:
         job["result"] = None
     if kind == "build":
         job["build"] = {"image_id": None, "log": [], "log_truncated": False}
+    if kind == "copy":
+        # what the source resolved to (its digest, the platforms copied), once the worker knows
+        job["source"] = None
+        for target in job["targets"]:
+            target.update(manifests=[], signatures=[])
     return job

@@ -190,6 +190,66 @@ class BuildSchema(PublishSchema):
         return data
 
 
+PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?", re.ASCII)  # os/architecture[/variant]
+MAX_PLATFORMS = 32
+
+
+class Platforms(fields.Field):
+    """``"all"``, or a list of ``os/architecture[/variant]`` (each at most once)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value == "all":
+            return value
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_PLATFORMS:
+            raise ValidationError(f'"all", or a list of 1 to {MAX_PLATFORMS} platforms such as "linux/arm64"')
+        problems = {i: ["not a platform: os/architecture[/variant], such as linux/arm64 or linux/arm/v7"]
+                    for i, p in enumerate(value) if not isinstance(p, str) or not PLATFORM_RE.fullmatch(p)}
+        if problems:
+            raise ValidationError(problems)
+        return list(dict.fromkeys(value))
+
+
+class CopySourceSchema(_Strict):
+    registry = RegistryName()
+    repository = Repository()
+    tag = Tag()
+    digest = fields.String(validate=_matches(DIGEST_RE, "digest: sha256 and 64 lowercase hex digits"))
+
+    @validates_schema(skip_on_field_errors=True)
+    def one_of_tag_or_digest(self, data, **_):
+        if "tag" in data and "digest" in data:
+            raise ValidationError("give a tag or a digest, not both", "digest")
+
+    @post_load
+    def default_tag(self, data, **_):
+        if "tag" not in data and "digest" not in data:
+            data["tag"] = "latest"
+        return data
+
+
+class CopySchema(PublishSchema):
+    """A copy between registries: a publish whose source is an image in a registry (so no
+    daemon is involved, nor named)."""
+
+    class Meta:
+        unknown = RAISE
+        exclude = ("daemon",)
+
+    source = fields.Nested(CopySourceSchema, required=True)
+    platforms = Platforms(load_default="all")
+    signatures = StrictBoolean(load_default=True)
+
+    @validates_schema(skip_on_field_errors=True)
+    def not_onto_itself(self, data, **_):
+        """A tag copied onto itself is a no-op at best; with some platforms only, it would
+        replace the source's index with a part of it."""
+        source = data["source"]
+        for i, target in enumerate(data["targets"]):
+            if (target["registry"], target["repository"]) == (source["registry"], source["repository"]) \
+                    and source.get("tag") in target["tags"]:
+                raise ValidationError({str(i): {"tags": [f"{source['tag']!r} is the copy's own source"]}}, "targets")
+
+
 class PullSchema(_Strict):
     daemon = DaemonName()
     registry = RegistryName()
@@ -211,7 +271,7 @@ class PullSchema(_Strict):
 
 class JobListQuery(_Strict):
     state = fields.String(validate=validate.OneOf(["queued", "running", "retrying", "succeeded", "failed", "cancelled"]))
-    kind = fields.String(validate=validate.OneOf(["publish", "pull", "build"]))
+    kind = fields.String(validate=validate.OneOf(["publish", "pull", "build", "copy"]))
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
     cursor = fields.String(validate=validate.Length(max=64))
 

@@ -23,7 +23,7 @@ from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .routing import queue_for
 from .jobstore import TERMINAL_STATES, is_job_id
-from .schemas import BuildSchema, JobListQuery, repository_in
+from .schemas import BuildSchema, CopySchema, JobListQuery, repository_in
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
@@ -176,6 +176,20 @@ def pull():
     if data.get("daemon"):
         ctx()["fleet"].check_known(data["daemon"])
     return _submit("pull", data)
+
+
+@jobs.post("/v1/copy")
+def copy():
+    """Registry to registry, no daemon: ``pull`` on the source's repository and ``publish`` on
+    every target's."""
+    client = require_scope("pull")
+    require_scope("publish")
+    data = load(CopySchema(limits=ctx()["settings"].limits), json_body())
+    source = data["source"]
+    places = [("source.", source["registry"], source["repository"])]
+    places += [(f"targets.{i}.", t["registry"], t["repository"]) for i, t in enumerate(data["targets"])]
+    _check_places(client, data, places)
+    return _submit("copy", data)
 
 
 @jobs.post("/v1/build")

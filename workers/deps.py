@@ -7,7 +7,7 @@ Tasks take a job id and get their clients here, never from module imports, so a 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import redis
@@ -19,6 +19,7 @@ from service.queue import JobQueue
 
 from .docker_engine import DockerEngine
 from .registries import Target, build_targets
+from .skopeo import Skopeo
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Deps:
     engine: DockerEngine
     targets: Mapping[str, Target]
     queue: JobQueue
+    skopeo: Skopeo = field(default_factory=Skopeo)  # copies between registries: no daemon
 
     @classmethod
     def from_config(cls, settings: Settings) -> "Deps":
@@ -42,6 +44,7 @@ class Deps:
             engine=DockerEngine.from_config(settings),
             targets=build_targets(settings, lambda cfg: EcrRegistry.from_config(cfg, store.redis, settings.recovery.lock_ttl_seconds)),
             queue=JobQueue.from_config(settings),
+            skopeo=Skopeo.from_config(settings),
         )
 
 

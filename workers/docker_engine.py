@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -22,6 +21,8 @@ import urllib3
 from docker import errors as docker_errors
 
 from service import errors
+
+from .registry_errors import REGISTRY_ERRORS, classify
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +47,12 @@ _PULL_STATUS = {
     "Already exists": "exists",
 }
 
-# How the daemon words registry failures (distribution's error codes, as the daemon relays
-# them), most specific first. The first match decides the error class.
-_STREAM_ERRORS: list[tuple[re.Pattern, type[errors.ImagepubError]]] = [
-    (re.compile(r"authorization token has expired|token has expired", re.I), errors.TokenRejected),
-    (re.compile(r"tag invalid: .*cannot be overwritten because the repository is immutable", re.I), errors.TagImmutable),
-    (re.compile(r"unauthorized|authentication required|no basic auth credentials|incorrect username or password", re.I), errors.AuthFailed),
-    (re.compile(r"name unknown|repository .* does not exist|repository name not known", re.I), errors.RepositoryNotFound),
-    (re.compile(r"manifest unknown|manifest for .* not found|not found: manifest", re.I), errors.ManifestNotFound),
-    (re.compile(r"denied", re.I), errors.AccessDenied),
-    (re.compile(r"toomanyrequests|too many requests|rate exceeded|throttl", re.I), errors.Throttled),
-    (
-        re.compile(
-            r"connection refused|connection reset|i/o timeout|timeout|timed out|no such host|"
-            r"unexpected EOF|\bEOF\b|broken pipe|server misbehaving|status: 50[0234]|"
-            r"503 Service Unavailable|502 Bad Gateway|temporarily unavailable|network is unreachable",
-            re.I,
-        ),
-        errors.RegistryUnavailable,
-    ),
-]
+# How the daemon words registry failures: the table it shares with skopeo (workers/registry_errors.py).
+_STREAM_ERRORS = REGISTRY_ERRORS
 
 
 def classify_stream_error(message: str, default: type[errors.ImagepubError]) -> errors.ImagepubError:
-    for pattern, cls in _STREAM_ERRORS:
-        if pattern.search(message):
-            return cls(message)
-    return default(message)
+    return classify(message, default)
 
 
 @dataclass
