@@ -15,7 +15,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 STATE_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
-DONE_LAYER = {"pushed", "exists", "mounted", "pulled"}
+DONE_LAYER = {"pushed", "exists", "mounted", "pulled", "copied"}
 EPILOG = """\
 client commands talk to $IMAGEPUB_URL (default http://127.0.0.1:8080) with $IMAGEPUB_TOKEN.
 
@@ -141,6 +141,12 @@ def summary(job: dict[str, Any]) -> str:
     if job.get("kind") == "pull":
         ref = request.get("digest") and "@" + request["digest"] or (":" + request["tag"] if request.get("tag") else "")
         return f"pull {request.get('registry')}/{request.get('repository')}{ref}"
+    if job.get("kind") == "copy":
+        source = request.get("source") or {}
+        ref = source.get("digest") and "@" + source["digest"] or ":" + str(source.get("tag"))
+        platforms = request.get("platforms")
+        which = f" [{', '.join(platforms)}]" if isinstance(platforms, list) else ""
+        return f"copy {source.get('registry')}/{source.get('repository')}{ref}{which} → {targets}"
     return f"{job.get('kind')} → {targets}"
 
 
@@ -182,8 +188,11 @@ def outcome_lines(job: dict[str, Any]) -> list[str]:
     for target in job.get("targets") or []:
         if target.get("repository_created"):
             lines.append(f"created repository {target['repository']} in {target['registry']}")
+        verb = "copied" if job.get("kind") == "copy" else "pushed"
         for ref in target.get("references") or []:
-            lines.append(f"pushed {ref} {target.get('digest')}" + (f" ({size_text(target['size'])})" if target.get("size") else ""))
+            lines.append(f"{verb} {ref} {target.get('digest')}" + (f" ({size_text(target['size'])})" if target.get("size") else ""))
+        for artifact in target.get("signatures") or []:  # a copy's cosign tags
+            lines.append(f"copied {target['registry']}/{target['repository']}:{artifact['tag']} {artifact['digest']}")
     result = job.get("result") or {}
     if result.get("digest"):
         lines.append(f"pulled {result.get('reference')} {result['digest']}" + (f" (image {result['image_id']})" if result.get("image_id") else ""))
@@ -211,7 +220,8 @@ class PlainView:
                 continue
             self.seen_layers[key] = layer["status"]
             size = layer.get("total") if layer["status"] not in DONE_LAYER else (layer.get("total") or layer.get("current"))
-            self._print(job, " ".join(filter(None, ["layer", short_id(layer["id"]), layer["status"], size_text(size), where and f"({where})"])))
+            noun = "blob" if job.get("kind") == "copy" else "layer"  # a copy's include the image config
+            self._print(job, " ".join(filter(None, [noun, short_id(layer["id"]), layer["status"], size_text(size), where and f"({where})"])))
 
     def finish(self, job: dict[str, Any]) -> None:
         self.update(job)
@@ -334,6 +344,8 @@ def _follow(args: argparse.Namespace, client, job: dict[str, Any]) -> int:
 
 def _publish(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"source": args.source, "targets": group_targets(args.to)}
+    if args.daemon:
+        request["daemon"] = args.daemon
     if args.create_repository:
         request["create_repository"] = True
     if args.callback_url:
@@ -344,7 +356,26 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     client = _client(args)
-    return _follow(args, client, client.pull(args.reference, args.idempotency_key))
+    request = {**args.reference, "daemon": args.daemon} if args.daemon else args.reference
+    return _follow(args, client, client.pull(request, args.idempotency_key))
+
+
+def copy_request(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {"source": args.source, "targets": group_targets(args.to)}
+    if args.platform:
+        request["platforms"] = list(dict.fromkeys(args.platform))
+    if args.no_signatures:
+        request["signatures"] = False
+    if args.create_repository:
+        request["create_repository"] = True
+    if args.callback_url:
+        request["callback_url"] = args.callback_url
+    return request
+
+
+def _copy(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _follow(args, client, client.copy(copy_request(args), args.idempotency_key))
 
 
 def build_request(args: argparse.Namespace, dockerfile: str) -> dict[str, Any]:
@@ -393,14 +424,29 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _images(args: argparse.Namespace) -> int:
-    answer = _client(args).images(args.reference)
+    answer = _client(args).images(args.reference, args.daemon)
     if args.json:
         print(json.dumps(answer, indent=2))
         return EXIT_OK
-    rows = [["IMAGE ID", "TAGS", "SIZE", "CREATED"]]
+    rows = [["DAEMON", "IMAGE ID", "TAGS", "SIZE", "CREATED"]]
     for image in answer.get("images") or []:
         tags = image.get("tags") or image.get("repo_tags") or []
-        rows.append([short_id(image.get("id") or ""), ",".join(tags) or "<none>", size_text(image.get("size")), str(image.get("created") or "")])
+        rows.append([image.get("daemon") or "", short_id(image.get("id") or ""), ",".join(tags) or "<none>",
+                     size_text(image.get("size")), str(image.get("created") or "")])
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _daemons(args: argparse.Namespace) -> int:
+    answer = _client(args).daemons()
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return EXIT_OK
+    rows = [["DAEMON", "STATE", "WORKERS", "QUEUED", "DOCKER"]]
+    for daemon in answer["daemons"]:
+        alive = sum(1 for worker in daemon["workers"] if worker.get("alive"))
+        rows.append([daemon["name"], daemon["state"], f"{alive}/{len(daemon['workers'])}", str(daemon["queue_depth"]),
+                     daemon.get("docker_version") or ""])
     print(_table(rows))
     return EXIT_OK
 
@@ -506,11 +552,23 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--to", type=target_arg, action="append", required=True, metavar="TARGET", help=to_help)
     publish.add_argument("--create-repository", action="store_true", help="create missing ECR repositories (when the registry allows it)")
     publish.add_argument("--callback-url", metavar="URL", help="POST the finished job here")
+    publish.add_argument("--daemon", metavar="NAME", type=_daemon_name, help="the daemon that holds SOURCE (default: the one that does)")
     _add_submit_options(publish)
 
     pull = _add_client_parser(sub, "pull", "pull an image from a configured registry into the daemon", _pull)
     pull.add_argument("reference", metavar="REGISTRY/REPOSITORY[:TAG|@DIGEST]", type=pull_arg)
+    pull.add_argument("--daemon", metavar="NAME", type=_daemon_name, help="the daemon to pull into (default: any that is up)")
     _add_submit_options(pull)
+
+    copy = _add_client_parser(sub, "copy", "copy an image from one configured registry to others, without a daemon", _copy)
+    copy.add_argument("source", metavar="REGISTRY/REPOSITORY[:TAG|@DIGEST]", type=pull_arg, help="the image to copy (default tag: latest)")
+    copy.add_argument("--to", type=target_arg, action="append", required=True, metavar="TARGET", help=to_help)
+    copy.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                      help="copy only this platform of a multi-platform image; repeat for more (default: all, same digest)")
+    copy.add_argument("--no-signatures", action="store_true", help="leave the source's cosign signature, attestation and SBOM tags behind")
+    copy.add_argument("--create-repository", action="store_true", help="create missing ECR repositories (when the registry allows it)")
+    copy.add_argument("--callback-url", metavar="URL", help="POST the finished job here")
+    _add_submit_options(copy)
 
     build = _add_client_parser(sub, "build", "build an image from a local context and publish it", _build)
     build.add_argument("context", metavar="CONTEXT_DIR", help="the build context (.dockerignore is honoured)")
@@ -523,15 +581,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = _add_client_parser(sub, "jobs", "list jobs, newest first", _jobs, waits=False)
     jobs.add_argument("--state", choices=["queued", "running", "retrying", "succeeded", "failed", "cancelled"])
-    jobs.add_argument("--kind", choices=["publish", "pull", "build"])
+    jobs.add_argument("--kind", choices=["publish", "pull", "build", "copy"])
     jobs.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (default %(default)s)")
 
     job = _add_client_parser(sub, "job", "show one job; its exit code says how it ended", _job)
     job.add_argument("job_id", metavar="ID")
     job.add_argument("--follow", action="store_true", help="follow the job until it ends")
 
-    images = _add_client_parser(sub, "images", "images in the workers' Docker daemon", _images, waits=False)
-    images.add_argument("--reference", metavar="R", help="only images matching this reference")
+    images = _add_client_parser(sub, "images", "images in the fleet's Docker daemons", _images, waits=False)
+    images.add_argument("--reference", metavar="R", help="only images matching this reference (e.g. 'team/*': the host may be left out)")
+    images.add_argument("--daemon", metavar="NAME", type=_daemon_name, help="only this daemon's images")
+    _add_client_parser(sub, "daemons", "the fleet's Docker daemons: state, workers, queue", _daemons, waits=False)
     return parser
 
 

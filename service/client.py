@@ -114,6 +114,9 @@ class ImagepubClient:
     def pull(self, request: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         return self._request("POST", "/v1/pull", json=request, headers=_idempotency(idempotency_key)).json()
 
+    def copy(self, request: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._request("POST", "/v1/copy", json=request, headers=_idempotency(idempotency_key)).json()
+
     def build(self, context: IO[bytes], request: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         """``POST /v1/build``: multipart/form-data with the JSON ``request`` and the gzipped
         tar ``context`` (see :class:`MultipartBody`), streamed from the file."""
@@ -139,9 +142,12 @@ class ImagepubClient:
                 break
         return found[:limit]
 
-    def images(self, reference: str | None = None) -> dict[str, Any]:
-        params = {"reference": reference} if reference else {}
+    def images(self, reference: str | None = None, daemon: str | None = None) -> dict[str, Any]:
+        params = {key: value for key, value in (("reference", reference), ("daemon", daemon)) if value}
         return self._request("GET", "/v1/images", params=params).json()
+
+    def daemons(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/daemons").json()
 
     # --- following --------------------------------------------------------------------------
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import subprocess
 import time
 
 import pytest
 import redis
 
-from service_process import Service, base_config
+from service_process import Service, base_config, imagepub_command
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,24 @@ def test_a_killed_worker_of_a_reruns_its_job_on_a_while_b_goes_on(fleet, stack, 
     done = api.wait(on_a["id"], timeout=60)
     assert done["state"] == "succeeded" and done["daemon"] == "a" and done["worker_losses"] == 1, done
     assert stack.registry_digest(stack.registry, f"fleet/kill-a-{unique}", "v1") == done["targets"][0]["digest"]
+
+
+def test_the_cli_shows_the_fleet_and_publishes_to_a_named_daemon(fleet, stack, unique):
+    source = f"cli-{unique}:v1"
+    stack.build_image(source, layers=1, docker_host=fleet.host_b)
+    _wait_for(lambda: _indexed(fleet.apis[0], source, "b"))
+    url = fleet.apis[1].base_url
+    run = lambda *args: subprocess.run([imagepub_command(), *args, "--url", url], capture_output=True, text=True, timeout=120)  # noqa: E731
+    daemons = run("daemons")
+    assert daemons.returncode == 0, daemons.stderr
+    lines = daemons.stdout.splitlines()
+    assert lines[0].split() == ["DAEMON", "STATE", "WORKERS", "QUEUED", "DOCKER"]
+    assert {line.split()[0]: line.split()[1] for line in lines[1:]} == {"a": "up", "b": "up"}
+    images = run("images", "--daemon", "b", "--reference", f"cli-{unique}", "--json")
+    assert [(i["daemon"], i["tags"]) for i in json.loads(images.stdout)["images"]] == [("b", [source])]
+    published = run("publish", source, "--to", f"local/fleet/cli-{unique}:v1", "--daemon", "b", "--wait", "--json")
+    assert published.returncode == 0, published.stderr
+    job = json.loads(published.stdout)
+    assert job["state"] == "succeeded" and job["daemon"] == "b"
+    refused = run("publish", source, "--to", f"local/fleet/cli-{unique}:v1", "--daemon", "a", "--wait")
+    assert refused.returncode == 1 and "image_not_found" in refused.stdout + refused.stderr, refused  # the job fails: a lacks it
