@@ -41,7 +41,7 @@ def _daemon_name(value: str) -> str:
     from .config import DAEMON_NAME
 
     if not DAEMON_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError("lowercase letters, digits and '-', at most 63, not starting or ending with '-'")
+        raise argparse.ArgumentTypeError("a DNS name: lowercase letters, digits, '-' and '.', at most 253")
     return value
 
 

@@ -470,16 +470,17 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
     )
 
 
-# A Docker daemon's name in the fleet: a DNS label, so that a Kubernetes pod's name serves as one.
-DAEMON_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+# A Docker daemon's name in the fleet: a DNS name (RFC 1123 subdomain), so that a Kubernetes pod's
+# or node's name serves as one.
+DAEMON_NAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", re.ASCII)
 
 
 def _daemon_name(value: str) -> str | None:
-    """``IMAGEPUB_DAEMON_NAME``: a DNS label (a pod's name serves), or empty for no daemon."""
+    """``IMAGEPUB_DAEMON_NAME``: a DNS name (a pod's or a node's serves), or empty for no daemon."""
     if not value:
         return None
     if not DAEMON_NAME.fullmatch(value):
-        raise ConfigError(f"IMAGEPUB_DAEMON_NAME={value!r}: a daemon's name is lowercase letters, digits and '-' (at most 63)")
+        raise ConfigError(f"IMAGEPUB_DAEMON_NAME={value!r}: a daemon's name is a DNS name: lowercase letters, digits, '-' and '.' (at most 253)")
     return value
 
 

@@ -132,7 +132,7 @@ class TargetSchema(_Strict):
 
 
 def DaemonName(**kwargs) -> fields.String:
-    return fields.String(validate=_matches(DAEMON_NAME, "daemon name (lowercase letters, digits and '-', at most 63)"), **kwargs)
+    return fields.String(validate=_matches(DAEMON_NAME, "daemon name (a DNS name: lowercase letters, digits, '-' and '.', at most 253)"), **kwargs)
 
 
 class PublishSchema(_Strict):

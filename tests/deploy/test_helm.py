@@ -326,6 +326,16 @@ def test_host_socket_mode(renderer, tmp_path):
     assert not any(c.get("securityContext", {}).get("privileged") for c in worker_pod["containers"])
 
 
+def test_each_worker_names_its_daemon(renderer, tmp_path):
+    """The fleet routes jobs by daemon name: a dind pod's daemon is its own (the pod's name),
+    a node's socket is shared by that node's pods (the node's name); or the value given."""
+    for variant, field in (("dind", "metadata.name"), ("hostSocket", "spec.nodeName")):
+        worker = container(worker_deployment(render(renderer, tmp_path, VARIANTS[variant])), "worker")
+        assert env_of(worker)["IMAGEPUB_DAEMON_NAME"] == {"fieldRef": {"fieldPath": field}}
+    named = render(renderer, tmp_path, {**VARIANTS["dind"], "docker": {"mode": "dind", "daemonName": "build-host-1"}})
+    assert env_of(container(worker_deployment(named), "worker"))["IMAGEPUB_DAEMON_NAME"] == "build-host-1"
+
+
 def test_secrets_stay_out_of_configmaps(variant):
     name, overrides, docs = variant
     for doc in docs:
