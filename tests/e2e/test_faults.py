@@ -23,6 +23,7 @@ import json
 import os
 import random
 import tarfile
+import threading
 import time
 
 import pytest
@@ -31,6 +32,7 @@ import redis
 from helpers import parse_sse
 from service_process import Service, base_config
 from slow_proxy import SlowProxy
+from webhook_receiver import Receiver
 
 SEED = int(os.environ.get("IMAGEPUB_FAULT_SEED") or random.SystemRandom().randrange(10**6))
 TRIALS = int(os.environ.get("IMAGEPUB_FAULT_TRIALS") or 1)
@@ -40,6 +42,7 @@ SCAN_INTERVAL = float(os.environ.get("IMAGEPUB_FAULT_SCAN_INTERVAL") or 0.5)
 MAX_LOSSES = 3
 MiB = 1024 * 1024
 RATE = 4 * MiB  # bytes per second through the slow registry, each way
+WEBHOOK_TIMEOUT = 3.0
 # Generous: a job that waited on a dead worker's lock would take job_timeout_seconds (an hour).
 RECOVERY_BOUND = 90 + LOCK_TTL + SCAN_INTERVAL
 
@@ -60,6 +63,8 @@ def faulty(stack, slow):
     config["recovery"] = {"lock_ttl_seconds": LOCK_TTL, "scan_interval_seconds": SCAN_INTERVAL, "max_worker_losses": MAX_LOSSES}
     # long enough to ride out a 20 s registry outage, short steps so a recovered push is quick
     config["retry"] = {"max_attempts": 40, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2}
+    # a webhook delivery's lease is its timeout + 5 s: a killed worker's delivery is made again after it
+    config["webhooks"] = {"allowed_hosts": ["127.0.0.1"], "timeout_seconds": WEBHOOK_TIMEOUT}
     svc = Service(stack, config, "faults", redis_db=7)
     redis.Redis.from_url(svc.redis_url).flushdb()
     svc.start_api()
@@ -103,10 +108,12 @@ class Trial:
         self.report(done)
         return done
 
-    def report(self, job: dict) -> None:
+    def report(self, job: dict, ended: float | None = None) -> None:
+        """One line of the report: ``ended`` when the fault's effect ended otherwise than with
+        the job (a webhook delivered again)."""
         if not REPORT or self.fault_at is None:
             return
-        ended = time.monotonic()
+        ended = ended or time.monotonic()
         states = [e["data"] for e in self.history(job["id"]) if e["event"] == "state"]
         last_run = [s for s in states if s["state"] == "running"][-1:] or [job]
         own_run = _seconds(last_run[0]["updated_at"], job["finished_at"]) if job.get("finished_at") else None
@@ -151,8 +158,8 @@ def pushing(job: dict) -> bool:
         layer["status"] == "pushing" and (layer.get("current") or 0) > 0 for t in job.get("targets", []) for layer in t["layers"])
 
 
-def publish(api, source: str, repository: str, tags=("v1",), registry: str = "slow") -> dict:
-    return api.submit("/v1/publish", {"source": source, "targets": [{"registry": registry, "repository": repository, "tags": list(tags)}]})
+def publish(api, source: str, repository: str, tags=("v1",), registry: str = "slow", **extra) -> dict:
+    return api.submit("/v1/publish", {"source": source, "targets": [{"registry": registry, "repository": repository, "tags": list(tags)}], **extra})
 
 
 def assert_ended_once(trial: Trial, job: dict, stack, *, losses: int, state: str = "succeeded") -> None:
@@ -319,6 +326,33 @@ def test_as_many_kills_as_max_worker_losses_fail_the_job(faulty, stack, rng, uni
     assert done["error"]["code"] == "worker_lost", done
     assert_ended_once(t, done, stack, losses=MAX_LOSSES, state="failed")
     assert_next_publish_works(faulty.api, stack, source, repository)
+
+
+@trials
+def test_kill_during_a_webhook_delivery(faulty, stack, rng, unique, trial):
+    """The worker dies while the receiver has the delivery: the webhook is delivered again (the
+    same delivery id) once the delivery's lease has passed, by the new worker."""
+    t = Trial(faulty, "kill: webhook delivery", rng)
+    hold = threading.Event()
+    receiver = Receiver([200, 200], hold=hold)
+    try:
+        job = publish(faulty.api, big_image(stack, f"fault-hook-{unique}:v1", megabytes=2), f"faults/hook-{unique}-{trial}",
+                      registry="local", callback_url=receiver.url)
+        assert len(receiver.wait(1, timeout=60)) == 1  # the receiver holds its answer: in flight
+        t.point(0, WEBHOOK_TIMEOUT * 0.8)
+        t.kill_worker()
+        hold.set()
+        calls = receiver.wait(2, timeout=WEBHOOK_TIMEOUT + 5 + 30)
+        assert len(calls) == 2, f"{t}: the cut delivery was not made again"
+        assert calls[1]["headers"]["X-Imagepub-Delivery"] == calls[0]["headers"]["X-Imagepub-Delivery"]
+        delivered = json.loads(calls[1]["body"])
+        assert delivered["id"] == job["id"] and delivered["state"] == "succeeded"
+        t.report(faulty.api.get(f"/v1/jobs/{job['id']}").json(), ended=calls[1]["at"])
+        time.sleep(1.5)
+        assert len(receiver.calls) == 2, f"{t}: delivered more than once after the kill"
+    finally:
+        hold.set()
+        receiver.server.shutdown()
 
 
 # --- the daemon, the registry and Redis go away mid-push -----------------------------------
