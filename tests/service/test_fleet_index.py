@@ -1,0 +1,82 @@
+"""The fleet's image index in Redis (service/fleet.py): names read as the daemon reads them,
+ids and id prefixes, the reference filter as users write repositories, placement."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import Conflict, ValidationFailed
+from service.fleet import Fleet, matches_reference
+
+A = "sha256:" + "a" * 64
+B = "sha256:" + "b" * 64
+IMAGES_A = [
+    {"id": A, "tags": ["app:1", "localhost:5000/team/app:1"], "digests": ["localhost:5000/team/app@sha256:" + "c" * 64],
+     "created": "2026-12-01T10:00:00Z", "size": 1},
+]
+IMAGES_B = [{"id": B, "tags": ["app:1", "other:2"], "digests": [], "created": "2026-12-01T11:00:00Z", "size": 2}]
+
+
+@pytest.fixture
+def fleet(redis_client):
+    fleet = Fleet(redis_client)
+    for name, images in (("a", IMAGES_A), ("b", IMAGES_B)):
+        fleet.register(f"worker-{name}", {"daemon": name, "hostname": f"host-{name}", "concurrency": 2})
+        fleet.write_index(name, images, listed_at=0)
+    return fleet
+
+
+@pytest.mark.parametrize("reference, holders", [
+    ("app:1", {"a": A, "b": B}),
+    ("docker.io/library/app:1", {"a": A, "b": B}),   # the daemon's spelling of `app:1`
+    ("index.docker.io/library/app:1", {"a": A, "b": B}),
+    ("app", {}),                                     # `app` is app:latest
+    ("localhost:5000/team/app:1", {"a": A}),
+    ("localhost:5000/team/app@sha256:" + "c" * 64, {"a": A}),
+    ("localhost:5000/team/app:9@sha256:" + "c" * 64, {"a": A}),  # a digest wins over the tag
+    ("team/app:1", {}),                               # another repository: docker.io/team/app
+    (A, {"a": A}), ("aaaaaaaaaaaa", {"a": A}), ("sha256:aaaa", {"a": A}), ("bbbb", {"b": B}),
+    ("other:2", {"b": B}),
+])
+def test_holders_read_names_as_the_daemon_does(fleet, reference, holders):
+    assert fleet.holders(reference, ["a", "b"]) == holders
+
+
+@pytest.mark.parametrize("pattern, matches", [
+    ("team/*", True), ("team/app", True), ("team/app:1", True), ("localhost:5000/team/*", True),
+    ("app", True), ("app:1", True), ("*", True), ("t*/app", True),
+    ("team/app:2", False), ("team", False), ("other/*", False), ("team/*/x", False), ("*/*/*", True), ("*/*/*/*", False),
+])
+def test_the_reference_filter_matches_repositories_as_users_write_them(pattern, matches):
+    assert matches_reference(IMAGES_A[0], pattern) is matches
+
+
+def test_placement(fleet):
+    with pytest.raises(Conflict) as ambiguous:
+        fleet.place("app:1", None)
+    assert ambiguous.value.code == "ambiguous_source" and "on a" in ambiguous.value.message and "on b" in ambiguous.value.message
+    assert fleet.place("app:1", "b") == "b"
+    assert fleet.place("localhost:5000/team/app:1", None) == "a"
+    assert fleet.place("other:2", None) == "b"
+    with pytest.raises(ValidationFailed) as missing:
+        fleet.place("nowhere:1", None)
+    assert missing.value.code == "image_not_found" and missing.value.errors[0]["field"] == "source"
+    with pytest.raises(ValidationFailed) as unknown:
+        fleet.place("app:1", "c")
+    assert unknown.value.code == "daemon_not_found"
+
+
+def test_a_single_daemon_takes_everything_and_none_means_default(redis_client):
+    fleet = Fleet(redis_client)
+    assert fleet.place("anything:1", None) == "default"  # no worker has registered yet
+    fleet.register("w", {"daemon": "solo"})
+    assert fleet.place("anything:1", None) == "solo"  # its worker says whether it holds it
+
+
+def test_daemons_and_waiting(fleet, redis_client):
+    daemons = {d.name: d for d in fleet.daemons()}
+    assert set(daemons) == {"a", "b"} and all(d.up for d in daemons.values())
+    assert fleet.why_waiting("a") is None
+    fleet.unregister("worker-a")
+    assert fleet.why_waiting("a") == "daemon a has no worker"
+    assert {d.name: d.up for d in fleet.daemons()} == {"a": False, "b": True}
