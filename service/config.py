@@ -310,6 +310,7 @@ class _LimitsSchema(Schema):
     max_queued_jobs = fields.Integer(load_default=Limits.max_queued_jobs, validate=validate.Range(min=1))
     default_rate_limit = fields.String(load_default=None)
     max_context_bytes = fields.Integer(load_default=Limits.max_context_bytes, validate=validate.Range(min=1024, max=512 * 1024 * 1024))
+    max_context_entries = fields.Integer(load_default=Limits.max_context_entries, validate=validate.Range(min=1, max=1_000_000))
     event_streams_per_process = fields.Integer(load_default=Limits.event_streams_per_process, validate=validate.Range(min=1, max=1000))
 
 

@@ -8,6 +8,7 @@ is worth retrying is decided here, once, by the class (``transient``), never by 
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 
@@ -25,6 +26,11 @@ class ImagepubError(Exception):
         self.extra = extra
 
     def with_status(self, status: int) -> "ImagepubError":
+        """This error, answered with another HTTP status. Its title follows: a class's title is
+        written for the class's status (RFC 9457: a short summary of the problem type), and kept
+        with another status it would misstate it (a 422 titled "Internal error")."""
+        if status != type(self).status:
+            self.title = status_title(status)
         self.status = status
         return self
 
@@ -200,4 +206,50 @@ class Timeout(TransientError):
 class TokenRejected(TransientError):
     """The registry refused a cached token; fetch a fresh one and try once more."""
 
-    code, status, title = "auth_failed", 502, "Registry refused the token"
+    code, status, title = "auth_failed", 502, AuthFailed.title  # one problem type, one title
+
+
+class NotSupported(ImagepubError):
+    """The registry cannot do this (repositories of a plain OCI registry are its own tools')."""
+
+    code, status, title = "not_supported", 422, "Not supported by this registry"
+
+
+# --- errors reported by another process ----------------------------------------------------
+
+
+def status_title(status: int) -> str:
+    """The reason phrase of an HTTP status (RFC 9110), the title of a problem no class of
+    this hierarchy describes at that status."""
+    return HTTPStatus(status).phrase
+
+
+def _classes(cls: type[ImagepubError] = ImagepubError) -> list[type[ImagepubError]]:
+    return [cls] + [sub for child in cls.__subclasses__() for sub in _classes(child)]
+
+
+def title_for(code: str, status: int) -> str:
+    """The title of problem ``code`` at ``status``: the title of the class with that code and
+    status, when there is one; else the status's reason phrase."""
+    for cls in _classes():
+        if cls.code == code and cls.status == status:
+            return cls.title
+    return status_title(status)
+
+
+def reported(code: str, message: str | None, status: Any) -> ImagepubError:
+    """An error another process reported as data (a worker's answer on the control queue), to
+    be raised again here. Its title is this hierarchy's for its code and status, never one that
+    came along with it; a status that is not an HTTP error status becomes 502 (the worker's
+    answer is what failed)."""
+    code = code or "internal_error"
+    try:
+        status = int(status)
+        title = title_for(code, status) if 400 <= status <= 599 else None
+    except (TypeError, ValueError):  # not a number, or no status HTTP defines
+        title = None
+    if title is None:
+        status, title = 502, title_for(code, 502)
+    exc = ImagepubError(message or title, code=code)
+    exc.status, exc.title = status, title
+    return exc

@@ -152,24 +152,29 @@ class PublishSchema(_Strict):
     def within_limits(self, data, **_):
         if len(data["targets"]) > self.limits.max_targets:
             raise ValidationError(f"at most {self.limits.max_targets} targets", "targets")
-        for i, target in enumerate(data["targets"]):
-            if len(target["tags"]) > self.limits.max_tags_per_target:
-                raise ValidationError(
-                    {str(i): {"tags": [f"at most {self.limits.max_tags_per_target} tags per target"]}}, "targets"
-                )
 
     @post_load
     def merge_targets(self, data, **_):
-        """Two entries for one repository become one target with the union of their tags."""
+        """Two entries for one repository become one target with the union of their tags. The
+        tag limit holds for what is pushed, the merged target: checked here, after merging."""
         merged: dict[tuple[str, str], dict] = {}
-        for target in data["targets"]:
+        first: dict[tuple[str, str], int] = {}
+        for i, target in enumerate(data["targets"]):
             key = (target["registry"], target["repository"])
             if key in merged:
                 merged[key]["tags"] = list(dict.fromkeys(merged[key]["tags"] + target["tags"]))
             else:
-                merged[key] = target
+                merged[key], first[key] = target, i
+            if len(merged[key]["tags"]) > self.limits.max_tags_per_target:
+                raise ValidationError({str(i): {"tags": [self._too_many_tags(first[key], i)]}}, "targets")
         data["targets"] = list(merged.values())
         return data
+
+    def _too_many_tags(self, first: int, index: int) -> str:
+        limit = f"at most {self.limits.max_tags_per_target} tags per target"
+        if first == index:
+            return limit
+        return f"{limit}, counted after merging: targets.{first} names the same repository, and together they pass it"
 
 
 class BuildSchema(PublishSchema):

@@ -4,9 +4,9 @@ see service/control.py)."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
-from flask import Blueprint, jsonify, url_for
+from flask import Blueprint, jsonify, request, url_for
 from marshmallow import ValidationError
 
 from . import control, schemas
@@ -45,6 +45,37 @@ def _page() -> dict[str, Any]:
     return load_query(schemas.PageQuery())
 
 
+IMAGES = "/images"
+
+
+def _raw_tail(registry: str) -> str | None:
+    """What follows ``…/repositories/`` in the request line as the client wrote it (still
+    percent-encoded), or None when the server gives no raw request line."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    if not raw:
+        return None
+    path = urlsplit(raw).path  # origin-form or absolute-form alike
+    prefix = f"{request.script_root}/v1/registries/{registry}/repositories/"
+    return path[len(prefix):] if path.startswith(prefix) else None
+
+
+def _addressed(registry: str, tail: str) -> tuple[str, bool]:
+    """The repository a path names (``tail``: what follows ``…/repositories/``, decoded), and
+    whether it asks for the repository's images.
+
+    Names have slashes, so ``…/team-a/images`` could be the images of ``team-a`` or the
+    repository ``team-a/images``. As in the distribution API (``/v2/<name>/tags/list``), the
+    fixed part ends the path and is read as written: a literal ``/images`` at the end lists
+    images, and an encoded slash (``%2F``) always belongs to the name. So
+    ``…/team-a%2Fimages`` describes ``team-a/images``, and every repository's Location (its name
+    in one segment) describes it, whatever the name."""
+    raw = _raw_tail(registry)
+    written = raw if raw is not None else tail
+    images = written.endswith(IMAGES)
+    name = written[: -len(IMAGES)] if images else written
+    return (unquote(name) if raw is not None else name), images
+
+
 @registries.post("/v1/registries/<registry>/repositories")
 def create_repository(registry: str):
     client = require_scope("publish")
@@ -71,20 +102,25 @@ def list_repositories(registry: str):
 
 @registries.get("/v1/registries/<registry>/repositories/<path:repository>/images")
 def list_images(registry: str, repository: str):
-    client = require_scope("read")
-    _registry(registry)
-    page = _page()
-    name = _repository_name(repository)
-    require_repositories(client, [("repository", name)])
-    return jsonify(ctx()["control"].call(control.LIST_IMAGES, registry, name, page["limit"], page.get("cursor")))
+    return _repository_or_images(registry, f"{repository}{IMAGES}")
 
 
 @registries.get("/v1/registries/<registry>/repositories/<path:repository>")
 def describe_repository(registry: str, repository: str):
+    return _repository_or_images(registry, repository)
+
+
+def _repository_or_images(registry: str, tail: str):
+    """Both routes: the router reads the decoded path, where ``team-a%2Fimages`` and
+    ``team-a/images`` look alike, so either may be asked for either (see :func:`_addressed`)."""
     client = require_scope("read")
     _registry(registry)
-    name = _repository_name(repository)
+    name, images = _addressed(registry, tail)
+    name = _repository_name(name)
     require_repositories(client, [("repository", name)])
+    if images:
+        page = _page()
+        return jsonify(ctx()["control"].call(control.LIST_IMAGES, registry, name, page["limit"], page.get("cursor")))
     return jsonify(ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, name))
 
 

@@ -7,7 +7,7 @@ import json
 import re
 
 import yaml
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 from pathlib import Path
 
 from openapi_core import Config, OpenAPI
@@ -45,7 +45,7 @@ def assert_conforms(method: str, path: str, status: int, headers: dict, body: by
     # them as a caller may (the API takes both forms).
     match = _REPOSITORY_PATH.fullmatch(path)
     if match:
-        path = match.group(1) + quote(match.group(2), safe="") + (match.group(3) or "")
+        path = match.group(1) + quote(unquote(match.group(2)), safe="") + (match.group(3) or "")
     _openapi.validate_response(
         MockRequest("http://localhost", method.lower(), path),
         MockResponse(body, status_code=status, headers=headers, content_type=mimetype),
@@ -62,7 +62,9 @@ class CheckedClient:
     def open(self, *args, **kwargs):
         kwargs["headers"] = {**self.headers, **(kwargs.get("headers") or {})}
         response = self.client.open(*args, **kwargs)
-        assert_conforms(response.request.method, response.request.path, response.status_code,
+        # the path as sent (a %2F in a repository name tells describe from images apart)
+        sent = response.request.environ.get("RAW_URI", response.request.path).split("?", 1)[0]
+        assert_conforms(response.request.method, sent, response.status_code,
                         dict(response.headers), response.get_data(), response.mimetype)
         return response
 

@@ -28,7 +28,7 @@ def build(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
     if context is None:
         raise errors.JobFailed("the build context is gone (expired before the job ran)", code="context_missing")
     try:  # checked at submission; checked again here, where it is unpacked
-        compressed = check_context(context, request["dockerfile"], max_context_bytes=deps.settings.limits.max_context_bytes)
+        compressed = check_context(context, request["dockerfile"], deps.settings.limits)
     except ContextRefused as exc:
         raise errors.JobFailed(str(exc), code="invalid_context") from None
     targets = prepare_targets(job, deps, progress)
