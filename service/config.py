@@ -431,8 +431,8 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
     registries = {}
     for name, reg in data["registries"].items():
         defaults = reg.pop("repository_defaults")
-        if reg["type"] == "registry" and "insecure" not in reg:
-            reg["insecure"] = is_loopback(reg["host"])
+        if reg["type"] == "registry" and "insecure" not in reg:  # a CA given is a CA to check
+            reg["insecure"] = is_loopback(reg["host"]) and not reg.get("ca_file")
         registries[name] = Registry(name=name, repository_defaults=defaults, **reg)
     limits = data["limits"]
     clients = tuple(

@@ -81,11 +81,14 @@ class Service:
                 raise RuntimeError("API did not start:\n" + self.stack.log(f"{self.name}-{suffix}")[-3000:])
             time.sleep(0.2)
 
-    def start_worker(self, concurrency: int = 2, suffix: str = "worker", args: tuple[str, ...] = (), env: dict | None = None) -> None:
+    def start_worker(self, concurrency: int = 2, suffix: str = "worker", args: tuple[str, ...] = (), env: dict | None = None,
+                     ecr_hosts: bool = False) -> None:
         """``imagepub worker`` (``args``: more of its options, e.g. ``--daemon b``; ``env``:
-        e.g. another ``DOCKER_HOST``)."""
+        e.g. another ``DOCKER_HOST``; ``ecr_hosts``: resolving the emulated ECR's host name as
+        the daemon does, for a daemonless client in the worker: see Stack.spawn)."""
         name = f"{self.name}-{suffix}"
-        self.stack.spawn(name, [imagepub_command(), "worker", "--concurrency", str(concurrency), *args], env={**self.env, **(env or {})})
+        self.stack.spawn(name, [imagepub_command(), "worker", "--concurrency", str(concurrency), *args], env={**self.env, **(env or {})},
+                         ecr_hosts=ecr_hosts)
         self.stack.wait_for_log(name, "ready", timeout=60)
 
     def kill_worker(self, suffix: str = "worker") -> None:

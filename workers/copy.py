@@ -217,18 +217,28 @@ class _Sides:
                         config.tls_verify).at(reference)
 
     def fresh(self, call: Callable[[], T]) -> T:
-        """``call()``; when a registry refuses a cached token, drop every cached token of the
-        copy's registries and call once more (the message does not say which side refused)."""
+        """``call()``; when a registry refuses a cached token (ECR's expired token; a refusal
+        without a word, as to a HEAD, when a side's token is cached), drop the copy's cached
+        tokens and call once more: skopeo does not say which side refused."""
+        refreshable = [target for target in self.targets.values() if getattr(target, "refreshable_auth", False)]
         try:
             return call()
-        except errors.TokenRejected:
-            for name, target in self.targets.items():
-                log.info("registry %s may have refused its token; fetching a fresh one", name)
+        except (errors.TokenRejected, errors.AuthFailed, errors.AccessDenied) as first:
+            if not isinstance(first, errors.TokenRejected) and not refreshable:
+                raise
+            for target in refreshable or self.targets.values():
+                log.info("registry %s may have refused its token; fetching a fresh one", target.name)
                 target.invalidate_auth()
         try:
             return call()
         except errors.TokenRejected as second:
             raise errors.AuthFailed(f"the registry refused a freshly fetched token: {second.message}") from None
+
+
+def registry_sides(deps: "Deps", names: list[str]) -> _Sides:
+    """skopeo endpoints of these configured registries, with the token refresh of a copy (for
+    the other daemonless steps: workers/archive.py)."""
+    return _Sides(deps, names)
 
 
 def _target(deps: "Deps", name: str) -> Target:

@@ -27,7 +27,7 @@ class Deps:
     settings: Settings
     redis: redis.Redis
     store: JobStore
-    engine: DockerEngine
+    engine: DockerEngine | None  # None on a worker without a daemon: it takes only daemonless jobs
     targets: Mapping[str, Target]
     queue: JobQueue
     skopeo: Skopeo = field(default_factory=Skopeo)  # copies between registries: no daemon
@@ -41,7 +41,9 @@ class Deps:
             settings=settings,
             redis=store.redis,
             store=store,
-            engine=DockerEngine.from_config(settings),
+            # docker-py asks the daemon its API version when the client is made: a worker without
+            # a daemon makes none (copies need none)
+            engine=DockerEngine.from_config(settings) if settings.daemon_name else None,
             targets=build_targets(settings, lambda cfg: EcrRegistry.from_config(cfg, store.redis, settings.recovery.lock_ttl_seconds)),
             queue=JobQueue.from_config(settings),
             skopeo=Skopeo.from_config(settings),

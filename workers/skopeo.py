@@ -62,6 +62,8 @@ SKOPEO_ERRORS: list[tuple[re.Pattern, type[errors.ImagepubError]]] = [
     (re.compile(r"no image found in (image index|manifest list) for architecture", re.I), errors.ImageNotFound),
     (re.compile(r"x509: |certificate (is not valid|signed by unknown|has expired)|tls: ", re.I), errors.RegistryTlsFailed),
     (re.compile(r"manifest invalid|manifest blob unknown|unsupported manifest|MANIFEST_INVALID", re.I), errors.PushFailed),
+    # a HEAD has no body to say why: ECR answers an expired token so (the caller fetches a fresh one)
+    (re.compile(r"\b403 \(Forbidden\)"), errors.AccessDenied),
 ]
 
 
@@ -151,6 +153,9 @@ _SEEN = re.compile(rf"(?:Checking if we can reuse blob|Downloading /v2/.+/blobs/
 _MOUNT = re.compile(r"Trying to mount .*[?&]mount=sha256%3A([0-9a-f]{64})")
 _SKIPPED = re.compile(rf"Skipping blob {_DIGEST} \(already present\)")
 _UPLOADED = re.compile(rf"Upload of layer {_DIGEST} complete")
+# The destination refused a manifest: skopeo goes on to try another manifest type, which
+# --preserve-digests forbids, and its last word is about that; the refusal is the reason.
+_REFUSED = re.compile(r"Upload of manifest (?:list )?type \S+ failed: (.+)")
 
 
 def _size(number: str, unit: str) -> int:
@@ -181,6 +186,7 @@ class CopyOutput:
         self.sizes = dict(sizes or {})
         self.blobs: dict[str, _Blob] = {}
         self.messages: list[str] = []  # what skopeo said that was not debug detail (the error, at the end)
+        self.refusals: list[str] = []  # why the destination refused a manifest, when it did
         self._terminal = ""
         self._log = ""
 
@@ -214,7 +220,9 @@ class CopyOutput:
         if level and level.group(1) != "debug":
             self._keep(message)
             return
-        if match := _UPLOADED.search(message):
+        if match := _REFUSED.search(message):
+            self.refusals.append(match.group(1))
+        elif match := _UPLOADED.search(message):
             self._final("sha256:" + match.group(1), "copied")
         elif match := _SKIPPED.search(message):
             digest = "sha256:" + match.group(1)
@@ -249,6 +257,10 @@ class CopyOutput:
         return {digest: blob.status for digest, blob in self.blobs.items()}
 
     def error_message(self) -> str:
+        """Why skopeo failed: its last word, or the destination's refusal of a manifest that
+        led to it."""
+        if self.refusals:
+            return self.refusals[0]
         fatal = [m for m in self.messages if m]
         return fatal[-1] if fatal else "skopeo failed without a message"
 
