@@ -60,7 +60,8 @@ POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
 # skopeo's own words, before the table shared with the daemon (workers/registry_errors.py).
 SKOPEO_ERRORS: list[tuple[re.Pattern, type[errors.ImagepubError]]] = [
     (re.compile(r"no image found in (image index|manifest list) for architecture", re.I), errors.ImageNotFound),
-    (re.compile(r"x509: |certificate (is not valid|signed by unknown|has expired)|tls: ", re.I), errors.RegistryTlsFailed),
+    (re.compile(r"x509: |certificate (is not valid|signed by unknown|has expired)|tls: |gave HTTP response to HTTPS client", re.I),
+     errors.RegistryTlsFailed),
     (re.compile(r"manifest invalid|manifest blob unknown|unsupported manifest|MANIFEST_INVALID", re.I), errors.PushFailed),
     # a HEAD has no body to say why: ECR answers an expired token so (the caller fetches a fresh one)
     (re.compile(r"\b403 \(Forbidden\)"), errors.AccessDenied),
