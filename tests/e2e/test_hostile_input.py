@@ -27,10 +27,13 @@ def test_the_workers_own_check_of_a_context_is_bounded(stack):
     store = JobStore.from_config(settings)
     job = {"id": new_job_id(), "request": {"dockerfile": "Dockerfile"}, "build": {}}
     store.put_context(job["id"], tb.million_empty_directories())
+    # the worker reads the context from the job store (or, where it has one, the artifact store
+    # the API put it in): both serve these bytes from Redis
+    deps = SimpleNamespace(store=store, artifacts=SimpleNamespace(read=store.get_context), settings=settings)
     try:
         started = time.monotonic()
         with pytest.raises(errors.JobFailed) as failed:
-            build(job, SimpleNamespace(store=store, settings=settings), progress=None)
+            build(job, deps, progress=None)
         assert time.monotonic() - started < 10
         assert failed.value.code == "invalid_context" and "limits.max_context_entries" in failed.value.message
     finally:
