@@ -1,6 +1,7 @@
 """Hostile request bodies, in-process (issue 18, items 6 and 7): JSON nested to blow Python's
 recursion, and bodies over the size limit sent without Content-Length (chunked), for every
-endpoint that takes a body. The same against the real server: tests/e2e/test_hostile_http.py."""
+endpoint that takes a body. The same against the real server: tests/e2e/test_hostile_http.py
+(not a second test_hostile_http.py: the test folders share one module namespace)."""
 
 from __future__ import annotations
 
