@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from deploytools import build_renderer
+# the tests import their helpers by module name (pytest imports test files with importlib: see
+# pyproject.toml, so that two packages may hold test files of the same name)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deploytools import build_renderer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
