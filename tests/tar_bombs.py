@@ -1,4 +1,5 @@
-"""Hostile build contexts, made byte by byte (tests/service and tests/e2e test_hostile_input.py).
+"""Hostile build contexts, made byte by byte (tests/service/test_input_bounds.py and
+tests/e2e/test_hostile_input.py).
 
 Written by hand rather than with tarfile: a million headers are one block repeated, and the
 headers tarfile would never write (chained pax headers, GNU sparse maps, digit runs) are the

@@ -1,7 +1,7 @@
 """Hostile input against the real stack (issue 18, items 5, 8, 10, 12): the worker's own check
 of a build context, Docker's name limit as the real daemon applies it, repository names that
 collide with the images route in the emulated ECR, and the title of an error a real worker
-answers. In-process variants: tests/service/test_hostile_input.py."""
+answers. In-process variants: tests/service/test_input_bounds.py."""
 
 from __future__ import annotations
 
