@@ -39,6 +39,7 @@ def bench_config(stack) -> dict[str, Any]:
     return {
         "registries": {
             "local": {"type": "registry", "host": stack.registry},
+            "secure": {"type": "registry", "host": stack.auth_registry, "username": stack.auth_user, "password_env": "BENCH_SECURE_PASSWORD"},
             "ecr": {"type": "ecr", "region": stack.ecr_region, "create_repositories": True},
         },
         "clients": [{"name": CLIENT, "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
@@ -87,6 +88,7 @@ class Imagepub:
             # defaults are machine-wide paths another test run may be using).
             "GUNICORN_CMD_ARGS": f"--control-socket {stack.tmp}/{name}-gunicorn.ctl",
             "IMAGEPUB_WORKER_ALIVE_FILE": str(stack.tmp / f"{name}-worker.alive"),
+            "BENCH_SECURE_PASSWORD": stack.auth_password,  # the copy phase's destination
             **(env or {}),
         }
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)

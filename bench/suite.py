@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import machine, profile
+from .copy_phase import copy_phase
 from .load import WrkResult, merge, wrk
 from .meter import Cost, Meter
 from .stack_services import (REPO, TERMINAL, TOKEN, Hello, Imagepub, auth_headers, cli_env, gunicorn_defaults,
@@ -28,7 +29,7 @@ from .stack_services import (REPO, TERMINAL, TOKEN, Hello, Imagepub, auth_header
 
 DOCKER = "/usr/bin/docker"
 MiB = 1024 * 1024
-PHASES = ("http", "scale", "jobs", "fresh", "burst")
+PHASES = ("http", "scale", "jobs", "fresh", "burst", "copy")
 
 
 @dataclass
@@ -385,13 +386,13 @@ def scale_phase(stack, args, res: Results, log: Log, services: dict[str, Any]) -
 # --- phase: job overhead of a pure tag push (target 4) -------------------------------------------
 
 
-def follow(svc: Imagepub, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+def follow(svc: Imagepub, body: dict[str, Any], path: str = "/v1/publish") -> tuple[float, dict[str, Any]]:
     """POST, then follow the job's SSE stream to its terminal event: (seconds, final job)."""
     wall0 = time.time()
     t0 = time.perf_counter()
-    resp = svc.http.post(svc.url + "/v1/publish", json=body, timeout=30)
+    resp = svc.http.post(svc.url + path, json=body, timeout=30)
     if resp.status_code != 202:
-        raise RuntimeError(f"POST /v1/publish answered {resp.status_code}: {resp.text[:300]}")
+        raise RuntimeError(f"POST {path} answered {resp.status_code}: {resp.text[:300]}")
     job_id = resp.json()["id"]
     with svc.http.get(f"{svc.url}/v1/jobs/{job_id}/events", stream=True, timeout=300) as events:
         buf = b""
@@ -699,6 +700,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh-pushes", type=int, help="fresh-push pairs (default 3)")
     p.add_argument("--fresh-mib", type=int, default=150, help="size of the fresh image (default 150)")
     p.add_argument("--burst", type=int, default=50, help="concurrent publishes to ECR (default 50)")
+    p.add_argument("--copies", type=int, help="rounds of the copy phase, each copying one image three ways (default 3)")
+    p.add_argument("--copy-mib", type=int, default=150, help="size of the copied image (default 150)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the py-spy profiles")
     p.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"), help="where to write the results (default docs/benchmarks.md)")
     p.add_argument("--no-write", dest="write", action="store_false", help="print the table only")
@@ -710,6 +713,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = 1.0 if quick else 2.0
     args.tag_pushes = args.tag_pushes or (5 if quick else 15)
     args.fresh_pushes = args.fresh_pushes or (1 if quick else 3)
+    args.copies = args.copies or (1 if quick else 3)
     args.list_seconds = 1.0 if quick else 2.0
     args.profile_seconds = 4.0 if quick else 8.0
     if quick and args.jobs == 100_000:
@@ -774,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("hello", "empty", "full"):
             if name in services:
                 services.pop(name).stop()
-        if {"jobs", "fresh", "burst"} & set(args.phases):
+        if {"jobs", "fresh", "burst", "copy"} & set(args.phases):
             proxy = EcrApiProxy(stack.moto_url)
             try:
                 svc = Imagepub(stack, "jobs", 2, env={"AWS_ENDPOINT_URL_ECR": proxy.url})
@@ -793,12 +797,15 @@ def main(argv: list[str] | None = None) -> int:
                     if "burst" in args.phases:
                         log(f"phase burst: {args.burst} concurrent publishes to ECR")
                         phase("burst", burst_phase, stack, args, res, log, svc, proxy)
+                    if "copy" in args.phases:
+                        log(f"phase copy: {args.copy_mib} MiB registry to registry, three ways")
+                        phase("copy", copy_phase, stack, args, res, log, svc, follow, cli_env, _epoch)
                 svc.stop()
             finally:
                 proxy.close()
         res.machine["load average at end"] = machine.load_average()
     res.settings["duration"] = f"{time.monotonic() - t_start:.0f} s"
-    res.rows.sort(key=lambda row: row.section.split()[0])  # by target number (phases run in another order)
+    res.rows.sort(key=lambda row: int(row.section.split()[0]))  # by target number (phases run in another order)
     print()
     print_table(res.rows)
     for error in res.errors:

@@ -62,14 +62,15 @@ def _json(value) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _layer(size: int) -> bytes:
-    """A gzipped tar holding ``size`` random bytes (incompressible: the blob is about that big)."""
+def _layer(size: int) -> tuple[bytes, str]:
+    """A gzipped tar holding ``size`` random bytes (incompressible: the blob is about that big),
+    and its diff id (the digest of the tar itself, which a daemon checks when it pulls)."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         info = tarfile.TarInfo("data.bin")
         info.size, info.mtime = size, 0
         tar.addfile(info, io.BytesIO(os.urandom(size)))
-    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0), "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
 
 
 def _tag(layout: Path, tag: str, descriptor: dict) -> None:
@@ -84,12 +85,14 @@ def _tag(layout: Path, tag: str, descriptor: dict) -> None:
 
 def _manifest(layout: Path, image: Image, platform: str, layer_sizes: list[int]) -> dict:
     os_, arch, *variant = platform.split("/")
-    layers = []
+    layers, diff_ids = [], []
     for size in layer_sizes:
-        digest, length = _put(layout, _layer(size))
+        blob, diff_id = _layer(size)
+        digest, length = _put(layout, blob)
         image.sizes[digest] = length
         layers.append({"mediaType": OCI_LAYER, "digest": digest, "size": length})
-    config = {"architecture": arch, "os": os_, "rootfs": {"type": "layers", "diff_ids": [l["digest"] for l in layers]},
+        diff_ids.append(diff_id)
+    config = {"architecture": arch, "os": os_, "rootfs": {"type": "layers", "diff_ids": diff_ids},
               "config": {}, "created": "2024-01-01T00:00:00Z"}
     if variant:
         config["variant"] = variant[0]
@@ -105,8 +108,8 @@ def _manifest(layout: Path, image: Image, platform: str, layer_sizes: list[int])
 
 
 def write_image(layout: Path, tag: str, platforms=("linux/amd64", "linux/arm64"), layer_sizes=(2048, 1024)) -> Image:
-    """An image of ``platforms`` under ``tag``: an index when there are several (or
-    ``index=True`` semantics for one: a single platform gives a plain manifest)."""
+    """An image of ``platforms`` under ``tag``: an index of their manifests when there are
+    several, the manifest itself for one."""
     layout.mkdir(parents=True, exist_ok=True)
     image = Image(tag=tag, digest="", media_type="")
     descriptors = [_manifest(layout, image, p, list(layer_sizes)) for p in platforms]
