@@ -33,6 +33,7 @@ def problem(status: int, code: str, title: str, detail: str, **extra) -> Respons
     body = {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail, "code": code}
     body.update(extra)
     body.setdefault("instance", request.path)
+    g.problem_code = code  # for the audit trail's record of a refused submission (views_audit.py)
     return Response(json.dumps(body), status=status, mimetype=PROBLEM)
 
 
@@ -125,9 +126,14 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.register_error_handler(redis.exceptions.TimeoutError, _render_redis_down)
     app.register_error_handler(Exception, _render_unexpected)
 
+    from . import request_ids, views_audit
     from .views import jobs
+    from .views_audit import audit
     from .views_ops import ops
     from .views_registries import registries
+
+    request_ids.install(app)  # before authentication: a refused request has an id too
+    views_audit.install(app)
 
     # Authentication first (an app-wide hook, so it runs before the rate limiter's), then rate
     # limits per client, stored in Redis so they hold across gunicorn workers and replicas;
@@ -151,12 +157,12 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
             swallow_errors=True,  # Redis trouble must not turn every request into a 500
             key_prefix="imagepub-rate",
         )
-        for blueprint in (jobs, registries):
+        for blueprint in (jobs, registries, audit):
             limiter.limit(
                 lambda: getattr(g, "client", ANONYMOUS).rate_limit or default_rate or "",
                 exempt_when=lambda: not (getattr(g, "client", ANONYMOUS).rate_limit or default_rate),
             )(blueprint)
         app.extensions["imagepub"]["limiter"] = limiter
-    for blueprint in (jobs, registries, ops):
+    for blueprint in (jobs, registries, audit, ops):
         app.register_blueprint(blueprint)
     return app

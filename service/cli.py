@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     new = token_sub.add_parser("new", help="print a fresh token and the configuration entry holding its hash")
     new.add_argument("name", help="the client's name (lowercase letters, digits, '-', '_')")
-    new.add_argument("--scopes", default="publish,pull,read", help="comma-separated: publish, pull, build, read, admin (default %(default)s)")
+    new.add_argument("--scopes", default="publish,pull,read", help="comma-separated: publish, pull, build, read, admin, audit (default %(default)s)")
     new.add_argument("--repositories", default="*", help="comma-separated glob patterns, e.g. 'team-a/*' (default: all)")
     new.add_argument("--rate-limit", help="e.g. 20/second")
     new.set_defaults(func=_token_new)
@@ -592,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--reference", metavar="R", help="only images matching this reference (e.g. 'team/*': the host may be left out)")
     images.add_argument("--daemon", metavar="NAME", type=_daemon_name, help="only this daemon's images")
     _add_client_parser(sub, "daemons", "the fleet's Docker daemons: state, workers, queue", _daemons, waits=False)
+    from .cli_audit import add_parser as add_audit_parser  # it builds on this module's helpers
+
+    add_audit_parser(sub)
     return parser
 
 

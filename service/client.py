@@ -149,6 +149,22 @@ class ImagepubClient:
     def daemons(self) -> dict[str, Any]:
         return self._request("GET", "/v1/daemons").json()
 
+    def audit(self, limit: int = 50, **filters: str | None) -> list[dict[str, Any]]:
+        """Up to ``limit`` audit entries, newest first, following the cursor: a page may be
+        short (the API reads a bounded number of entries per page), so only a null cursor ends."""
+        found: list[dict[str, Any]] = []
+        cursor = None
+        while len(found) < limit:
+            params = {**{k: v for k, v in filters.items() if v is not None}, "limit": min(limit - len(found), 1000)}
+            if cursor:
+                params["cursor"] = cursor
+            page = self._request("GET", "/v1/audit", params=params).json()
+            found += page["entries"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return found[:limit]
+
     # --- following --------------------------------------------------------------------------
 
     def follow(self, job_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:

@@ -119,7 +119,8 @@ class Limits:
     event_streams_per_process: int = 2
 
 
-SCOPES = ("publish", "pull", "build", "read", "admin")
+# audit: read the audit trail (GET /v1/audit), which admin may too
+SCOPES = ("publish", "pull", "build", "read", "admin", "audit")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,13 @@ class Recovery:
     lock_ttl_seconds: float = 30.0
     scan_interval_seconds: float = 10.0
     max_worker_losses: int = 3
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The audit trail (service/audit.py): kept this long, whatever happens to jobs."""
+
+    retention_days: int = 400
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,7 @@ class Settings:
     daemon_name: str | None = "default"
     worker_alive_file: str | None = "/tmp/imagepub-worker.alive"
     skopeo: SkopeoSettings = field(default_factory=SkopeoSettings)
+    audit: Audit = field(default_factory=Audit)
 
     def webhook_secret(self) -> str | None:
         """The webhook signing secret, read now from the variable ``webhooks.secret_env`` names."""
@@ -382,6 +391,13 @@ class _WebhooksSchema(Schema):
     concurrency = fields.Integer(load_default=Webhooks.concurrency, validate=validate.Range(min=1, max=64))
 
 
+class _AuditSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    retention_days = fields.Integer(load_default=Audit.retention_days, validate=validate.Range(min=1, max=36500))
+
+
 class _RetentionSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -402,6 +418,7 @@ class _FileSchema(Schema):
     auth = fields.Nested(_AuthSchema, load_default=dict)
     webhooks = fields.Nested(_WebhooksSchema, load_default=dict)
     retention = fields.Nested(_RetentionSchema, load_default=dict)
+    audit = fields.Nested(_AuditSchema, load_default=dict)
     job_timeout_seconds = fields.Integer(load_default=3600, validate=validate.Range(min=10))
     redis_url = fields.String()
     log_level = fields.String(load_default="INFO")
@@ -468,6 +485,7 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         daemon_name=_daemon_name(environ.get("IMAGEPUB_DAEMON_NAME", "default")),
         worker_alive_file=environ.get("IMAGEPUB_WORKER_ALIVE_FILE", "/tmp/imagepub-worker.alive") or None,
         skopeo=_skopeo(environ),
+        audit=Audit(**data["audit"]),
     )
 
 

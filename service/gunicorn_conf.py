@@ -27,7 +27,7 @@ control_socket = f"/tmp/imagepub-gunicorn-{os.getpid()}.ctl"
 # Logs go to stderr as JSON lines: the access log included.
 accesslog = "-"
 errorlog = "-"
-access_log_format = '{"time":"%(t)s","level":"INFO","name":"gunicorn.access","remote":"%(h)s","method":"%(m)s","path":"%(U)s","status":%(s)s,"bytes":"%(B)s","duration_us":%(D)s}'
+access_log_format = '{"time":"%(t)s","level":"INFO","name":"gunicorn.access","remote":"%(h)s","method":"%(m)s","path":"%(U)s","status":%(s)s,"bytes":"%(B)s","duration_us":%(D)s,"request_id":"%({x-request-id}o)s"}'
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 
+from flask import g, has_request_context
 from pythonjsonlogger.json import JsonFormatter
 
 _secrets: set[str] = set()
@@ -51,12 +52,22 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RequestIdFilter(logging.Filter):
+    """A line written while the API serves a request carries the request's id (service/request_ids.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if has_request_context() and "request_id" in g:
+            record.request_id = g.request_id
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level", "asctime": "time"})
     )
     handler.addFilter(RedactingFilter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

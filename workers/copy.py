@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from service import errors
+from service import audit, errors
 
 from .publish import count_layers, prepare_targets
 from .registries import Target
@@ -350,13 +350,15 @@ def copy(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
             progress.check()
             if record["state"] == "succeeded":
                 continue  # done on an earlier attempt
-            _copy_target(session, sides, source, record, target, artifacts, progress)
+            with audit.writes(deps.store, deps.settings, "copy_tag", job, record) as written:
+                _copy_target(session, sides, source, record, target, artifacts, progress, written)
             count_layers(deps, record["registry"], record["layers"], "copied", "imagepub_pushed_bytes")
             progress.save()
 
 
 def _copy_target(session: Session, sides: _Sides, source: Source, record: dict[str, Any], target: Target,
-                 artifacts: Future | None, progress: "Progress") -> None:
+                 artifacts: Future | None, progress: "Progress", written: Callable[[str, str], None]) -> None:
+    """``written(tag, digest)``: for the audit trail, each tag the registry serves as copied."""
     record["state"] = "copying"
     on_blob = blob_recorder(record, progress, source.sizes)
     progress.save()
@@ -367,9 +369,13 @@ def _copy_target(session: Session, sides: _Sides, source: Source, record: dict[s
     digest = source.written()[0]
     record["manifests"] = sides.fresh(lambda: copy_image(session, source, destination(), record["tags"], on_blob, progress.check))
     sides.fresh(lambda: _verify(session, destination(), record["tags"], digest))
+    for tag in record["tags"]:
+        written(tag, digest)
     repository_ref = target.repository_ref(record["repository"])
     record["references"] = [f"{repository_ref}:{tag}" for tag in record["tags"]]
     if artifacts is not None:
         found = _artifact_tags(artifacts.result(), source.signed_digests())
         record["signatures"] = sides.fresh(lambda: copy_signatures(session, source, destination(), found, progress.check))
+        for artifact in record["signatures"]:
+            written(artifact["tag"], artifact["digest"])
     record.update(state="succeeded", digest=digest, size=sum(size or 0 for size in source.sizes.values()))

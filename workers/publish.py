@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from service import errors
+from service import audit, errors
 from service.access import client_named, may_publish_image
 
 from .docker_engine import DockerEngine, ImageInfo
@@ -162,8 +162,12 @@ def push_targets(job: dict[str, Any], deps: "Deps", progress: "Progress", image:
         for tag in record["tags"]:
             # One push per repository at a time, fleet-wide: the daemon's tags are shared state,
             # and concurrent pushes of one image to one repository would upload its layers twice.
-            with progress.exclusive(deps.store.repository_lock_key(repository_ref), f"another push to {repository_ref}"):
-                digests.add(_push_tag(deps.engine, target, image, repository_ref, tag, on_layer, digests))
+            # Each tag, once the registry serves its digest (or its push failed), in the audit trail.
+            with progress.exclusive(deps.store.repository_lock_key(repository_ref), f"another push to {repository_ref}"), \
+                    audit.writes(deps.store, deps.settings, "push_tag", job, record, tag) as written:
+                digest = _push_tag(deps.engine, target, image, repository_ref, tag, on_layer, digests)
+                written(tag, digest)
+            digests.add(digest)
             record["references"] = list(dict.fromkeys(record["references"] + [f"{repository_ref}:{tag}"]))
             progress.save()
         if len(digests) != 1:
