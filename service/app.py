@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -22,7 +23,7 @@ from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
 from .http import BoundedRequest
 from .queue import JobQueue
-from .schemas import PublishSchema, PullSchema
+from .schemas import PublishSchema, PullSchema, repository_room
 
 log = logging.getLogger(__name__)
 
@@ -75,29 +76,44 @@ def _render_unexpected(exc: Exception) -> Response:
     return problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged")
 
 
-def deployment_spec(settings: Settings) -> bytes:
+def deployment_spec(settings: Settings) -> dict:
     """openapi.yaml as this deployment serves it: registry names are the configured ones, so
     a client (or a fuzzer) reading the contract knows exactly which registries exist, and the
-    limits are this deployment's."""
-    text = resources.files("service").joinpath("openapi.yaml").read_text()
+    limits are this deployment's: its counts, and each registry's room for a repository name
+    (Docker's 255 characters count the registry's host)."""
+    spec = yaml.safe_load(resources.files("service").joinpath("openapi.yaml").read_text())
     if not settings.registries:
-        return text.encode()
-    spec = yaml.safe_load(text)
+        return spec
     schemas = spec["components"]["schemas"]
     schemas["PublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["BuildRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["TargetRequest"]["properties"]["tags"]["maxItems"] = settings.limits.max_tags_per_target
     schemas["RegistryName"]["enum"] = sorted(settings.registries)
+    rules = []
     ecr = sorted(name for name, registry in settings.registries.items() if registry.type == "ecr")
     if ecr:
         schemas["EcrRegistryName"]["enum"] = ecr
         # a repository in an ECR registry follows ECR's stricter grammar
-        ecr_rule = {
+        rules.append({
             "if": {"properties": {"registry": {"enum": ecr}}, "required": ["registry"]},
             "then": {"properties": {"repository": {"$ref": "#/components/schemas/EcrRepositoryName"}}},
-        }
-        for name in ("TargetRequest", "PullRequest"):
-            schemas[name].setdefault("allOf", []).append(ecr_rule)
+        })
+    for name, registry in sorted(settings.registries.items()):
+        rules.append({
+            "if": {"properties": {"registry": {"const": name}}, "required": ["registry"]},
+            "then": {"properties": {"repository": repository_room(registry)}},
+        })
+    for schema in ("TargetRequest", "PullRequest"):
+        schemas[schema].setdefault("allOf", []).extend(rules)
+    return spec
+
+
+def served_spec(spec: dict, daemons: list[str]) -> bytes:
+    """The deployment's contract with the daemons its workers serve now as the enum of daemon
+    names (a name no worker serves is refused with 422 ``daemon_not_found``)."""
+    if daemons:
+        spec = {**spec, "components": {**spec["components"], "schemas": {
+            **spec["components"]["schemas"], "DaemonName": {**spec["components"]["schemas"]["DaemonName"], "enum": daemons}}}}
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode()
 
 
@@ -115,7 +131,8 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         "fleet": Fleet(store.redis, store.prefix),
         "queue": queue,
         "control": RegistryControl(queue.celery),
-        "spec": deployment_spec(settings),
+        # the contract as served: rendered again only when the fleet's daemons change
+        "spec": functools.lru_cache(maxsize=8)(lambda daemons, spec=deployment_spec(settings): served_spec(spec, list(daemons))),
         # marshmallow schemas are reusable and thread-safe for load(): build them once
         "schemas": {"publish": PublishSchema(limits=settings.limits), "pull": PullSchema()},
         "event_streams": threading.BoundedSemaphore(settings.limits.event_streams_per_process),

@@ -74,6 +74,16 @@ def image_name(registry: Registry, repository: str) -> str:
     return f"{registry.host}/{repository}"
 
 
+def repository_room(registry: Registry) -> dict:
+    """The JSON Schema of a repository name's length in ``registry`` (for the served contract):
+    what Docker's 255 characters leave after the host — on Docker Hub, a one-component name
+    also gets ``library/``."""
+    room = MAX_IMAGE_NAME - len(image_name(registry, "a/a")) + 3
+    if registry.type != "ecr" and registry.host in DOCKER_HUB_HOSTS:
+        return {"maxLength": room, "if": {"pattern": "^[^/]*$"}, "then": {"maxLength": MAX_IMAGE_NAME - len(image_name(registry, "a")) + 1}}
+    return {"maxLength": room}
+
+
 def repository_in(registry: Registry, repository: str) -> None:
     """What a registry adds to the rules for a repository name: ECR's stricter grammar, and
     Docker's limit for the whole image name, the registry's host included."""

@@ -53,4 +53,5 @@ def metrics():
 
 @ops.get("/openapi.yaml")
 def openapi_spec():
-    return Response(ctx()["spec"], mimetype="application/yaml")
+    daemons = tuple(sorted(d.name for d in ctx()["fleet"].daemons()))
+    return Response(ctx()["spec"](daemons), mimetype="application/yaml")

@@ -162,7 +162,12 @@ def test_canary_secrets_never_leak(secured, stack, unique, ecr_api):
 
 
 @pytest.mark.parametrize("selection", [
-    ["--exclude-path", "/v1/build"],
+    ["--exclude-path", "/v1/build", "--exclude-path", "/v1/publish"],
+    # A publish's source must also fit Docker's 255 characters as Docker counts them (with the
+    # docker.io/library/ it adds to a short name, without the tag and digest): JSON Schema's
+    # maxLength cannot count that, so a long schema-valid source is rightly refused (422 on
+    # `source`). For this one operation that one check is off, as for builds below.
+    ["--include-path", "/v1/publish", "--exclude-checks", "positive_data_acceptance", "--phases", "examples,coverage,fuzzing"],
     # A build context is a tar or tar.gz: JSON Schema cannot say "a well-formed archive", so a
     # schema-valid random string is rightly refused there (422 invalid_context). For this one
     # operation that one check is off; every other check, negative data included, still runs.
@@ -172,7 +177,7 @@ def test_canary_secrets_never_leak(secured, stack, unique, ecr_api):
     # those links are followed from publish and pull in the run above.
     ["--include-path", "/v1/build", "--exclude-checks", "positive_data_acceptance",
      "--suppress-health-check", "filter_too_much", "--phases", "examples,coverage,fuzzing"],
-], ids=["all-operations", "build"])
+], ids=["all-operations", "publish", "build"])
 def test_schemathesis_finds_nothing(secured, stack, selection):
     """Fuzz every operation of openapi.yaml against the live API: no 5xx, every response
     conforms to the spec, invalid input is rejected with 4xx."""
