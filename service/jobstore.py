@@ -170,7 +170,7 @@ def utcnow() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
-def _epoch(timestamp: str | None) -> float | None:
+def epoch(timestamp: str | None) -> float | None:
     if not timestamp:
         return None
     return datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
@@ -311,7 +311,7 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False) if own else pipe
         code = (job.get("error") or {}).get("code", "") if job["state"] != "succeeded" else ""
         self.metrics.incr("imagepub_jobs_finished", pipe=pipe, kind=job["kind"], state=job["state"], code=code)
-        started, finished = _epoch(job.get("created_at")), _epoch(job.get("finished_at"))
+        started, finished = epoch(job.get("created_at")), epoch(job.get("finished_at"))
         if started is not None and finished is not None:
             self.metrics.observe("imagepub_job_duration_seconds", max(0.0, finished - started), pipe=pipe, kind=job["kind"], state=job["state"])
         if own:

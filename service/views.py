@@ -18,12 +18,15 @@ from marshmallow import ValidationError
 from .auth import current_client, is_admin, require_repositories, require_scope, require_source
 from .callbacks import CallbackRefused, check_callback_url
 from .build_context import ContextRefused, check_context
-from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from .build_sources import require_build_sources
+from .artifacts import Artifacts, Upload, has_upload, store_bytes
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .routing import queue_for
-from .jobstore import TERMINAL_STATES, is_job_id
-from .schemas import BuildSchema, CopySchema, JobListQuery, repository_in
+from .jobstore import TERMINAL_STATES, epoch, is_job_id
+from .schemas import ArchivePublishSchema, BuildSchema, CopySchema, JobListQuery, repository_in
+from .uploads import archive_too_large, receive_archive
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
@@ -280,6 +283,14 @@ def cancel_job(job_id: str):
     return resp
 
 
+def _end_id(job: dict[str, Any]) -> str:
+    """An event id for a job's record replayed without its history (expired an hour after the
+    job ended): a stream id (``ms-seq``) at the job's end, so a follower that resumes with it
+    gets the same final state again, and the id has the form every other event id has."""
+    finished = epoch(job.get("finished_at"))
+    return f"{int(finished * 1000)}-0" if finished is not None else "0-0"
+
+
 def _sse(event_id: str, event: str, data: str) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
@@ -325,8 +336,8 @@ def job_events(job_id: str):
         if after is None:
             # A new follower starts from the latest snapshot, not from the whole history.
             latest = store.latest_event(job_id)
-            if latest is None:
-                yield _sse("0-0", "state", json.dumps(job))
+            if latest is None:  # no history (expired an hour after the job ended)
+                yield _sse(_end_id(job), "state", json.dumps(job))
                 return
             after, kind, data = latest
             yield _sse(after, kind, data)
@@ -359,7 +370,7 @@ def job_events(job_id: str):
                 # Nothing after `after` although the job has ended (a Last-Event-ID past its end,
                 # or a history already expired): replay the final state rather than wait forever.
                 latest = store.latest_event(job_id)
-                yield _sse(latest[0] if latest else after, "state", json.dumps(current))
+                yield _sse(latest[0] if latest else _end_id(current), "state", json.dumps(current))
                 return
             yield ": keep-alive\n\n"
 

@@ -183,6 +183,24 @@ def test_events_resumed_at_or_past_the_end_of_a_finished_job_close_at_once(clien
     assert time.monotonic() - started < 5  # no 15 s wait on a stream that can never grow
 
 
+@pytest.mark.parametrize("last_event_id", [None, "0", "0-0", "1700000000000-5"])
+def test_events_of_a_job_whose_history_expired_keep_their_id_form_and_resume(client, app, redis_client, last_event_id):
+    """An hour after a job ended its event history expires; the stream then replays the record
+    alone, with an id of the same form as every other (it was `id: 0`, which the contract's
+    own pattern refuses) that a follower can resume from."""
+    store = app.extensions["imagepub"]["store"]
+    job = client.post("/v1/publish", json=GOOD).get_json()
+    job.update(state="succeeded", finished_at="2026-12-01T10:00:00.250000Z")
+    store.save(job, event="state")
+    redis_client.delete(f"imagepub:job:{job['id']}:events")  # what EVENTS_AFTER_END_SECONDS does
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    events = parse_sse(client.get(f"/v1/jobs/{job['id']}/events", headers=headers).get_data(as_text=True))
+    end_id = "1796119200250-0"  # finished_at in milliseconds
+    assert [(e["id"], e["data"]["state"]) for e in events] == [(end_id, "succeeded")]
+    again = parse_sse(client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": end_id}).get_data(as_text=True))
+    assert [(e["id"], e["data"]["state"]) for e in again] == [(end_id, "succeeded")]
+
+
 def test_live_event_streams_per_process_are_bounded(settings, redis_client):
     """A crowd of followers cannot take every thread of an API process: beyond the limit they
     get 503 too_many_streams (and poll); a finished job's replay needs no slot; a slot comes
