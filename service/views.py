@@ -18,15 +18,12 @@ from marshmallow import ValidationError
 from .auth import current_client, is_admin, require_repositories, require_scope, require_source
 from .callbacks import CallbackRefused, check_callback_url
 from .build_context import ContextRefused, check_context
-from .build_sources import require_build_sources
-from .artifacts import Artifacts, Upload, has_upload, store_bytes
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .routing import queue_for
 from .jobstore import TERMINAL_STATES, epoch, is_job_id
-from .schemas import ArchivePublishSchema, BuildSchema, CopySchema, JobListQuery, repository_in
-from .uploads import archive_too_large, receive_archive
+from .schemas import BuildSchema, CopySchema, JobListQuery, repository_in
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
