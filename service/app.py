@@ -159,8 +159,15 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
 
     @app.before_request
     def _authenticate():
-        if request.blueprint != "ops":
+        if request.blueprint == "console":
+            authenticate_console_session()  # its session cookie; each page says whether it needs one
+        elif request.blueprint != "ops":
             authenticate_request(authenticator)
+
+    # The web console (/ui): HTML pages outside the JSON contract, signed into with a token.
+    from .console import authenticate as authenticate_console_session, console
+    app.extensions["imagepub"]["authenticator"] = authenticator  # its sign-in exchanges a token with it
+    app.register_blueprint(console)
 
     default_rate = settings.limits.default_rate_limit
     if default_rate or any(client.rate_limit for client in settings.clients):

@@ -20,6 +20,9 @@ keepalive = 5
 # Long enough for any cursor the API accepts, so an over-long one gets a problem+json 422 from
 # the app rather than a bare 414 from gunicorn.
 limit_request_line = 8190
+# No header decides the request's scheme here (gunicorn believes X-Forwarded-Proto from loopback
+# by default): the app does, only behind as many proxies as `console.trusted_proxies` says.
+secure_scheme_headers = {}
 # gunicorn's control socket (for `gunicornc`) defaults to $HOME, which is read-only in the image:
 # keep it in /tmp, one per server (this file is read by the arbiter), so that two servers on one
 # host never take each other's socket.
@@ -27,14 +30,19 @@ control_socket = f"/tmp/imagepub-gunicorn-{os.getpid()}.ctl"
 # Logs go to stderr as JSON lines: the access log included.
 accesslog = "-"
 errorlog = "-"
-access_log_format = '{"time":"%(t)s","level":"INFO","name":"gunicorn.access","remote":"%(h)s","method":"%(m)s","path":"%(U)s","status":%(s)s,"bytes":"%(B)s","duration_us":%(D)s,"request_id":"%({x-request-id}o)s"}'
+# The access log's line is built by the same formatter as every other line (service/logs.py
+# JsonLines): it receives the request's atoms and writes them as fields, numbers as numbers.
+access_log_format = "%(m)s %(U)s %(s)s"
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"error": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
-                 "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}},
-    "root": {"level": "INFO", "handlers": ["error"]},
-    "loggers": {"gunicorn.error": {"handlers": ["error"], "level": "INFO", "propagate": False},
+    "formatters": {"json": {"()": "service.logs.JsonLines"}},
+    "filters": {"redact": {"()": "service.logs.RedactingFilter"}},
+    # the access log's record carries the request's atoms as its arguments: no redaction pass
+    # there (it would fold them into the message; the atoms hold no header or query string)
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr", "filters": ["redact"]},
+                 "access": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
                 "gunicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
 }

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import threading
+import time
 
 from flask import g, has_request_context
 from pythonjsonlogger.json import JsonFormatter
@@ -61,11 +62,48 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class JsonLines(JsonFormatter):
+    """One schema for every line the API and the workers write — the app's, Celery's,
+    gunicorn's error log and its access log alike, as a log pipeline expects: ``time`` (RFC 3339,
+    UTC, milliseconds), ``level``, ``logger``, ``message``, then the line's own fields, numbers
+    as numbers. gunicorn hands its access logger the request's atoms (``record.args``); they
+    become ``remote``, ``method``, ``path``, ``status``, ``bytes``, ``duration_us`` and
+    ``request_id``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("%(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level", "name": "logger"},
+                         timestamp=False, *args, **kwargs)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "gunicorn.access" and isinstance(record.args, dict):
+            record.access = _access_fields(record.args)
+            record.msg, record.args = f"{record.access['method']} {record.access['path']} {record.access['status']}", None
+        return super().format(record)
+
+    def add_fields(self, log_record, record, message_dict) -> None:
+        log_record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        super().add_fields(log_record, record, message_dict)
+        log_record.update(log_record.pop("access", None) or {})
+
+
+def _access_fields(atoms: dict) -> dict:
+    def number(value):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    request_id = atoms.get("{x-request-id}o")
+    return {
+        "remote": atoms.get("h"), "method": atoms.get("m"), "path": atoms.get("U"), "status": number(atoms.get("s")),
+        "bytes": number(atoms.get("B")) or 0, "duration_us": number(atoms.get("D")),
+        **({"request_id": request_id} if request_id and request_id != "-" else {}),
+    }
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level", "asctime": "time"})
-    )
+    handler.setFormatter(JsonLines())
     handler.addFilter(RedactingFilter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,10 +75,15 @@ def test_logs_are_json_lines_with_job_ids(api, stack, service, unique):
         lines = [line for line in stack.log(name).splitlines() if line.strip() and not line.startswith("=== ")]
         records = [json.loads(line) for line in lines]  # every line is one JSON object
         assert records
+        for record in records:  # one schema for every line: gunicorn's, Celery's, the app's
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"]), record
+            assert record["level"] in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"} and record["logger"] and "message" in record, record
         if name == "imagepub-worker":
             mine = [r for r in records if r.get("job_id") == job["id"]]
             assert {"job started", "job succeeded"} <= {r["message"] for r in mine}
         else:
             assert any(r.get("job_id") == job["id"] for r in records)
-            assert any(r.get("name") == "gunicorn.access" and r.get("path") == "/v1/publish" for r in records)
+            access = [r for r in records if r["logger"] == "gunicorn.access" and r.get("path") == "/v1/publish"]
+            assert access and all(isinstance(r[k], int) for r in access for k in ("status", "bytes", "duration_us")), access
+            assert access[-1]["method"] == "POST" and access[-1]["status"] == 202
     assert stack.auth_password not in stack.log("imagepub-worker")
