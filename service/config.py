@@ -169,6 +169,17 @@ class Webhooks:
 
 
 @dataclass(frozen=True)
+class Console:
+    """The web console (service/console/): how long a signed-in session lives idle and at most,
+    and how many reverse proxies in front of the API may say (``X-Forwarded-Proto``) that the
+    browser came over TLS; with none, that header is ignored."""
+
+    session_idle_seconds: int = 8 * 3600
+    session_lifetime_seconds: int = 24 * 3600
+    trusted_proxies: int = 0
+
+
+@dataclass(frozen=True)
 class SkopeoSettings:
     """How workers run skopeo for copies between registries (workers/skopeo.py): the program,
     the only environment it gets (the proxy and trust variables of the worker's, never its
@@ -222,6 +233,7 @@ class Settings:
     clients: tuple[Client, ...] = ()
     anonymous: bool = False
     webhooks: Webhooks = field(default_factory=Webhooks)
+    console: Console = field(default_factory=Console)
     retention_seconds: int = 7 * 86400
     job_timeout_seconds: int = 3600
     log_level: str = "INFO"
@@ -405,12 +417,28 @@ class _RetentionSchema(Schema):
     finished_jobs = Duration(load_default=7 * 86400, validate=validate.Range(min=60))
 
 
+class _ConsoleSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    session_idle = Duration(load_default=Console.session_idle_seconds, validate=validate.Range(min=60))
+    session_lifetime = Duration(load_default=Console.session_lifetime_seconds, validate=validate.Range(min=60))
+    trusted_proxies = fields.Integer(load_default=Console.trusted_proxies, validate=validate.Range(min=0, max=5))
+
+
+def _console(data: Mapping[str, Any]) -> Console:
+    return Console(session_idle_seconds=data.get("session_idle", Console.session_idle_seconds),
+                   session_lifetime_seconds=data.get("session_lifetime", Console.session_lifetime_seconds),
+                   trusted_proxies=data.get("trusted_proxies", Console.trusted_proxies))
+
+
 class _FileSchema(Schema):
     # Sections that later versions add (clients, webhooks, ...) must not break older readers.
     class Meta:
         unknown = EXCLUDE
 
     registries = fields.Dict(keys=fields.String(validate=_NAME), values=fields.Nested(_RegistrySchema), load_default=dict)
+    console = fields.Nested(_ConsoleSchema, load_default=dict)
     limits = fields.Nested(_LimitsSchema, load_default=dict)
     retry = fields.Nested(_RetrySchema, load_default=dict)
     recovery = fields.Nested(_RecoverySchema, load_default=dict)
@@ -472,6 +500,7 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         retry=RetryPolicy(**data["retry"]),
         recovery=Recovery(**data["recovery"]),
         clients=clients,
+        console=_console(data["console"]),
         anonymous=data["auth"].get("anonymous", False),
         webhooks=Webhooks(
             secret_env=data["webhooks"].get("secret_env"),

@@ -79,6 +79,13 @@ class Forbidden(ImagepubError):
         self.errors = errors
 
 
+class CsrfFailed(Forbidden):
+    """A console request that changes something (sign in, sign out, cancel) did not come from a
+    console page: another site's, or without the session's CSRF token (service/console/)."""
+
+    code, title = "csrf_failed", "Cross-site request refused"
+
+
 class TooManyRequests(ImagepubError):
     code, status, title = "too_many_requests", 429, "Too many requests"
     transient = True

@@ -48,6 +48,11 @@ def _parse(field: str) -> tuple[str, dict[str, str]]:
     return name, dict(item.split("=", 1) for item in rest.split(",") if item)
 
 
+def counters(redis) -> list[tuple[str, dict[str, str], float]]:
+    """Every counter as (name, labels, value), read in one command (the console's fleet page)."""
+    return [(*_parse(field), float(value)) for field, value in redis.hgetall(KEY).items()]
+
+
 class Metrics:
     """Writes the counters. Pass ``pipe`` to add the increment to a pipeline the caller executes."""
 

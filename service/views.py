@@ -235,26 +235,37 @@ def _job_or_404(job_id: str) -> dict[str, Any]:
     return job
 
 
-@jobs.get("/v1/jobs/<job_id>")
-def get_job(job_id: str):
+def visible_job(job_id: str) -> dict[str, Any]:
+    """The job as ``GET /v1/jobs/{id}`` (and the console) shows it to the caller."""
     job = _job_or_404(job_id)
     if job["state"] == "queued" and job.get("daemon"):
         reason = ctx()["fleet"].why_waiting(job["daemon"])
         if reason:
             job["waiting_for"] = reason
-    return jsonify(job)
+    return job
+
+
+@jobs.get("/v1/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(visible_job(job_id))
+
+
+def job_page(query: dict[str, Any], owner: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of the jobs the caller may see (``GET /v1/jobs``, the console's list), filtered by
+    ``query`` (JobListQuery); an admin may narrow it to one ``owner``'s jobs."""
+    if "cursor" in query and not is_job_id(query["cursor"]):
+        raise ValidationFailed([{"field": "cursor", "message": "not a cursor from a previous page"}])
+    client = current_client()
+    return ctx()["store"].list(
+        client=owner if is_admin(client) else client.name,
+        state=query.get("state"), kind=query.get("kind"), limit=query["limit"], cursor=query.get("cursor")
+    )
 
 
 @jobs.get("/v1/jobs")
 def list_jobs():
     query = load_query(JobListQuery())
-    if "cursor" in query and not is_job_id(query["cursor"]):
-        raise ValidationFailed([{"field": "cursor", "message": "not a cursor from a previous page"}])
-    client = current_client()
-    page, next_cursor = ctx()["store"].list(
-        client=None if is_admin(client) else client.name,
-        state=query.get("state"), kind=query.get("kind"), limit=query["limit"], cursor=query.get("cursor")
-    )
+    page, next_cursor = job_page(query)
     resp = jsonify({"jobs": page, "next_cursor": next_cursor})
     if next_cursor:
         args = {k: v for k, v in query.items() if k != "cursor"}

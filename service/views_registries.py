@@ -19,11 +19,15 @@ from .http import ctx, json_body, load, load_query
 registries = Blueprint("registries", __name__)
 
 
+def configured_registries() -> list[dict[str, Any]]:
+    """What ``GET /v1/registries`` (and the console) shows: never where secrets live."""
+    require_scope("read")
+    return [r.public() for r in ctx()["settings"].registries.values()]
+
+
 @registries.get("/v1/registries")
 def list_registries():
-    require_scope("read")
-    configured = ctx()["settings"].registries.values()
-    return jsonify({"registries": [r.public() for r in configured]})
+    return jsonify({"registries": configured_registries()})
 
 
 def _registry(name: str):
@@ -90,14 +94,21 @@ def create_repository(registry: str):
     return resp
 
 
-@registries.get("/v1/registries/<registry>/repositories")
-def list_repositories(registry: str):
+def repositories_page(registry: str, limit: int, cursor: str | None = None) -> dict[str, Any]:
+    """A page of a registry's repositories, only those the caller may use (asked of a worker)."""
     client = require_scope("read")
     _registry(registry)
-    page = _page()
-    answer = ctx()["control"].call(control.LIST_REPOSITORIES, registry, page["limit"], page.get("cursor"))
+    answer = ctx()["control"].call(control.LIST_REPOSITORIES, registry, limit, cursor)
     answer["repositories"] = [r for r in answer["repositories"] if may_use_repository(client, r["name"])]
-    return jsonify(answer)
+    return answer
+
+
+@registries.get("/v1/registries/<registry>/repositories")
+def list_repositories(registry: str):
+    require_scope("read")
+    _registry(registry)  # before the query: an unknown registry is 404 whatever was asked of it
+    page = _page()
+    return jsonify(repositories_page(registry, page["limit"], page.get("cursor")))
 
 
 @registries.get("/v1/registries/<registry>/repositories/<path:repository>/images")
@@ -113,15 +124,31 @@ def describe_repository(registry: str, repository: str):
 def _repository_or_images(registry: str, tail: str):
     """Both routes: the router reads the decoded path, where ``team-a%2Fimages`` and
     ``team-a/images`` look alike, so either may be asked for either (see :func:`_addressed`)."""
-    client = require_scope("read")
-    _registry(registry)
     name, images = _addressed(registry, tail)
-    name = _repository_name(name)
-    require_repositories(client, [("repository", name)])
+    name = _allowed_repository(registry, name)  # the name and the client's patterns before the query
     if images:
         page = _page()
-        return jsonify(ctx()["control"].call(control.LIST_IMAGES, registry, name, page["limit"], page.get("cursor")))
-    return jsonify(ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, name))
+        return jsonify(repository_images(registry, name, page["limit"], page.get("cursor")))
+    return jsonify(repository(registry, name))
+
+
+def _allowed_repository(registry: str, name: str) -> str:
+    client = require_scope("read")
+    _registry(registry)
+    name = _repository_name(name)
+    require_repositories(client, [("repository", name)])
+    return name
+
+
+def repository(registry: str, name: str) -> dict[str, Any]:
+    """One repository (its settings), if the caller may use it (asked of a worker)."""
+    return ctx()["control"].call(control.DESCRIBE_REPOSITORY, registry, _allowed_repository(registry, name))
+
+
+def repository_images(registry: str, name: str, limit: int, cursor: str | None = None) -> dict[str, Any]:
+    """A page of a repository's images, if the caller may use it (asked of a worker)."""
+    name = _allowed_repository(registry, name)
+    return ctx()["control"].call(control.LIST_IMAGES, registry, name, limit, cursor)
 
 
 @registries.get("/v1/images")
@@ -151,9 +178,14 @@ def list_daemon_images():
 def list_daemons():
     """The fleet: each daemon with its state (``up`` while a worker of it sends heartbeats),
     its workers, Docker version and queue depth. Host names are for admins."""
+    return jsonify({"daemons": visible_daemons()})
+
+
+def visible_daemons() -> list[dict[str, Any]]:
+    """The fleet as the caller may see it (``GET /v1/daemons``, the console's fleet page)."""
     client = require_scope("read")
     daemons = [d.to_dict() for d in ctx()["fleet"].daemons()]
     if not is_admin(client):
         for daemon in daemons:
             daemon["workers"] = [{k: v for k, v in w.items() if k not in ("hostname", "worker")} for w in daemon["workers"]]
-    return jsonify({"daemons": daemons})
+    return daemons
