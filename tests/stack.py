@@ -807,7 +807,12 @@ class Stack:
             "NO_PROXY": no_proxy,
             "no_proxy": no_proxy,
             "PYTHONUNBUFFERED": "1",
+            # what the processes leave behind when a test kills them (billiard's pymp-* folders,
+            # the worker's alive file) goes with the stack's folder
+            "TMPDIR": str(self.tmp / "proc-tmp"),
+            "IMAGEPUB_WORKER_ALIVE_FILE": str(self.tmp / "proc-tmp" / "imagepub-worker.alive"),
         })
+        (self.tmp / "proc-tmp").mkdir(exist_ok=True)
         for k, v in overrides.items():
             if v is None:
                 env.pop(k, None)

@@ -6,6 +6,8 @@ import json
 import re
 import time
 
+import redis
+
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -87,3 +89,21 @@ def test_logs_are_json_lines_with_job_ids(api, stack, service, unique):
             assert access and all(isinstance(r[k], int) for r in access for k in ("status", "bytes", "duration_us")), access
             assert access[-1]["method"] == "POST" and access[-1]["status"] == 202
     assert stack.auth_password not in stack.log("imagepub-worker")
+
+
+def test_a_stopped_worker_leaves_no_alive_file(stack, unique):
+    """The liveness file says a worker is alive: a worker that stops removes it (a leftover
+    would claim a worker that is gone), and leaves the fleet at once."""
+    from service_process import Service, base_config
+
+    alive = stack.tmp / f"alive-{unique}"
+    svc = Service(stack, base_config(stack), f"alive-{unique}", redis_db=11, env={"IMAGEPUB_WORKER_ALIVE_FILE": str(alive)})
+    svc.start_worker(concurrency=1)
+    deadline = time.monotonic() + 20
+    while not alive.exists():
+        assert time.monotonic() < deadline, "the worker never touched its alive file"
+        time.sleep(0.1)
+    svc.stop_worker()
+    assert not alive.exists()
+    workers = redis.Redis.from_url(svc.redis_url, decode_responses=True).hkeys("imagepub:fleet:workers")
+    assert workers == []
