@@ -18,6 +18,7 @@ from marshmallow import ValidationError
 from .auth import current_client, is_admin, require_repositories, require_scope, require_source
 from .callbacks import CallbackRefused, check_callback_url
 from .build_context import ContextRefused, check_context
+from .build_sources import require_build_sources
 from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
@@ -222,6 +223,7 @@ def build():
         check_context(archive, data["dockerfile"], settings.limits)
     except ContextRefused as exc:
         raise ValidationFailed([{"field": "context", "message": str(exc)}], code="invalid_context") from None
+    require_build_sources(client, archive, data, settings.limits)  # the images its Dockerfile reads
     return _submit("build", data, context=archive)
 
 

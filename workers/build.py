@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from service import errors
 from service.build_context import ContextRefused, check_context
 
+from .build_sources import authorise_build_sources
 from .publish import prepare_targets, push_targets
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ def build(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
         compressed = check_context(context, request["dockerfile"], deps.settings.limits)
     except ContextRefused as exc:
         raise errors.JobFailed(str(exc), code="invalid_context") from None
+    authorise_build_sources(job, deps, context)  # the images it reads, in this daemon, before anything is created
     targets = prepare_targets(job, deps, progress)
 
     def on_line(line: str) -> None:

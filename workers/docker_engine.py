@@ -61,6 +61,7 @@ class ImageInfo:
     repo_tags: list[str]
     repo_digests: list[str]
     size: int
+    on_build: list[str] = field(default_factory=list)  # its ONBUILD triggers: a build FROM it runs them
 
 
 @dataclass
@@ -119,7 +120,8 @@ class DockerEngine:
     def inspect(self, reference: str) -> ImageInfo:
         data = self._call(f"image {reference}", self.api.inspect_image, reference)
         return ImageInfo(
-            id=data["Id"], repo_tags=data.get("RepoTags") or [], repo_digests=data.get("RepoDigests") or [], size=data.get("Size", 0)
+            id=data["Id"], repo_tags=data.get("RepoTags") or [], repo_digests=data.get("RepoDigests") or [], size=data.get("Size", 0),
+            on_build=(data.get("Config") or {}).get("OnBuild") or [],
         )
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:

@@ -275,23 +275,145 @@ def test_each_tenant_sees_only_its_own_images_and_names(tenants, stack, team_b_i
     assert set(next(image for image in admin["images"] if image["id"] == b["built_id"])["tags"]) >= {shared, f"{b['built']}:1"}
 
 
-@pytest.mark.xfail(strict=True, reason="open: a build's FROM (and COPY --from) reads any image in the daemon; "
-                   "the Dockerfile's base images are not authorised yet (reported with issue 18)")
-def test_a_build_cannot_start_from_another_tenants_image(tenants, stack, team_b_images, u):
-    team_a = tenants["team-a"]
+# --- a build's base images (issue 18, item 3: the build variant) ---------------------------------
+
+
+def _context(dockerfile: str, path: str = "Dockerfile") -> bytes:
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w:gz") as tar:
-        data = f"FROM {team_b_images['pulled']}:1\nLABEL stolen=yes\n".encode()
-        info = tarfile.TarInfo("Dockerfile")
+        data = dockerfile.encode()
+        info = tarfile.TarInfo(path)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    resp = team_a.http.post(f"{team_a.base_url}/v1/build", timeout=60, files={
-        "request": (None, json.dumps({"targets": [{"registry": "local", "repository": f"team-a/from-{u}", "tags": ["1"]}]}), "application/json"),
-        "context": ("context.tar.gz", context.getvalue(), "application/gzip"),
+    return context.getvalue()
+
+
+def _build(api: Tenant, dockerfile: str, repository: str, build_args: dict | None = None):
+    request = {"targets": [{"registry": "local", "repository": repository, "tags": ["1"]}]}
+    if build_args:
+        request["build_args"] = build_args
+    return api.http.post(f"{api.base_url}/v1/build", timeout=60, files={
+        "request": (None, json.dumps(request), "application/json"),
+        "context": ("context.tar.gz", _context(dockerfile), "application/gzip"),
     })
-    if resp.status_code == 202:
-        job = team_a.wait(resp.json()["id"])
-        assert job["state"] == "failed", job
-    else:
-        assert resp.status_code == 403, resp.text
+
+
+def _refused_at_submit(resp, status: int, code: str, fields: list[str]) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["code"] == code and [e["field"] for e in body["errors"]] == fields, body
+
+
+def _daemon_build(stack, tag: str, dockerfile: str) -> str:
+    """An image built straight in the daemon (no imagepub), e.g. one carrying ONBUILD triggers."""
+    image_id = None
+    for line in stack.docker().api.build(fileobj=io.BytesIO(_context(dockerfile)), custom_context=True, encoding="gzip",
+                                         tag=tag, rm=True, decode=True):
+        assert "error" not in line, line
+        image_id = (line.get("aux") or {}).get("ID", image_id)
+    return image_id
+
+
+def test_a_build_cannot_start_from_another_tenants_image(tenants, stack, team_b_images, u):
+    # the image team-b pulled from the password-protected registry: its name carries the host
+    resp = _build(tenants["team-a"], f"FROM {team_b_images['pulled']}:1\nLABEL stolen=yes\n", f"team-a/from-{u}")
+    _refused_at_submit(resp, 403, "forbidden", ["dockerfile"])
     _nothing_pushed(stack, f"team-a/from-{u}")
+
+
+def test_no_dockerfile_form_reads_another_tenants_image(tenants, stack, team_b_images, u):
+    """Every way a Dockerfile can name team-b's image: the build is refused at submission,
+    naming the field that gave the name, and nothing is built or pushed."""
+    b = team_b_images
+    built, pulled = f"{b['built']}:1", f"{b['pulled']}:1"
+    cases = [
+        # ARG substitution: a build argument, a default, a default when the argument is unset
+        ("ARG BASE=team-a/base\nFROM $BASE\n", {"BASE": pulled}, ["build_args.BASE"]),
+        (f"ARG BASE={built}\nFROM ${{BASE}}\n", None, ["dockerfile"]),
+        (f"ARG BASE\nFROM ${{BASE:-{built}}}\n", None, ["dockerfile"]),
+        ("FROM ${HTTP_PROXY:-scratch}\n", {"HTTP_PROXY": built}, ["build_args.HTTP_PROXY"]),  # predefined
+        # multi-stage, with aliases: the image a stage starts from, and an image copied from
+        (f"FROM {built} AS Src\nFROM scratch\nCOPY --from=src /layer0.bin /stolen\n", None, ["dockerfile"]),
+        (f"FROM scratch\nCOPY --from={built} /layer0.bin /stolen\n", None, ["dockerfile"]),
+        (f"FROM scratch AS a\nCOPY Dockerfile /x\nFROM scratch\nCOPY --from=a /x /x\nCOPY --from={pulled} /layer0.bin /s\n", None, ["dockerfile"]),
+        # lower-case instructions, continuation lines (with a comment and a blank line among them)
+        (f"from scratch\ncopy --from={built} /layer0.bin /stolen\n", None, ["dockerfile"]),
+        (f"FROM \\\n  # the base\n\n  {built}\n", None, ["dockerfile"]),
+        (f"FROM scratch\nCOPY \\\n --from={pulled} \\\n /layer0.bin /stolen\n", None, ["dockerfile"]),
+        # another escape token, flags, quotes
+        (f"# escape=`\nFROM --platform=linux/amd64 `\n \"{built}\"\n", None, ["dockerfile"]),
+        # an ONBUILD trigger of an earlier stage runs when a later stage starts from it
+        (f"FROM scratch AS base\nONBUILD COPY --from={built} /layer0.bin /stolen\nFROM base\n", None, ["dockerfile"]),
+        # imagepub's own build names, and an id prefix (the daemon resolves it when it builds)
+        (f"FROM imagepub-build:{b['build_job']}\n", None, ["dockerfile"]),
+        (f"FROM {_unique_prefix(stack, b['built_id'])}\n", None, ["dockerfile"]),
+        (f"FROM scratch\nCOPY --from=sha256:{b['pulled_id'].removeprefix('sha256:')[:12]} /layer0.bin /s\n", None, ["dockerfile"]),
+    ]
+    for i, (dockerfile, build_args, fields) in enumerate(cases):
+        repository = f"team-a/variant-{u}-{i}"
+        _refused_at_submit(_build(tenants["team-a"], dockerfile, repository, build_args), 403, "forbidden", fields)
+        _nothing_pushed(stack, repository)
+
+
+def test_a_dockerfile_read_differently_by_docker_versions_is_refused(tenants, stack, team_b_images, u):
+    # Docker 20.10 (this daemon) stops reading directives at `check` and keeps `\`: its COPY
+    # reads team-b's image; newer versions read the backtick and join the COPY to the LABEL.
+    dockerfile = f"# check=skip=all\n# escape=`\nFROM scratch\nLABEL a=b`\nCOPY --from={team_b_images['built']}:1 /layer0.bin /s\n"
+    _refused_at_submit(_build(tenants["team-a"], dockerfile, f"team-a/versions-{u}"), 422, "unreadable_dockerfile", ["dockerfile"])
+    _nothing_pushed(stack, f"team-a/versions-{u}")
+
+
+@pytest.mark.parametrize("which, path", [("pulled_id", "/layer0.bin"), ("build_id", "/payload"), ("unnamed_id", "/payload.bin")])
+def test_a_build_from_another_tenants_image_id_fails_on_the_worker(tenants, stack, team_b_images, u, which, path):
+    image_id = team_b_images[which]  # (not built_id: another test gives that image a name of team-a's)
+    for i, dockerfile in enumerate([f"FROM {image_id}\n", f"FROM scratch\nCOPY --from={image_id.removeprefix('sha256:')} {path} /s\n"]):
+        repository = f"team-a/by-id-{which.replace('_', '-')}-{u}-{i}"
+        resp = _build(tenants["team-a"], dockerfile, repository)
+        assert resp.status_code == 202, resp.text  # a full id names no repository: judged where it is resolved
+        job = tenants["team-a"].wait(resp.json()["id"])
+        assert job["state"] == "failed" and job["error"]["code"] == "forbidden", job
+        assert job["build"].get("image_id") is None  # refused before the build
+        _nothing_pushed(stack, repository)
+
+
+def test_a_base_images_onbuild_trigger_is_a_source_too(tenants, stack, team_b_images, u):
+    # team-a's own image, made outside imagepub, whose trigger copies out of team-b's image
+    base = f"team-a/onbuild-{u}"
+    _daemon_build(stack, f"{base}:1", f"FROM scratch\nONBUILD COPY --from={team_b_images['built']}:1 /layer0.bin /stolen\n")
+    resp = _build(tenants["team-a"], f"FROM {base}:1\nLABEL via=trigger\n", f"team-a/triggered-{u}")
+    assert resp.status_code == 202, resp.text  # the API cannot see an image's triggers
+    job = tenants["team-a"].wait(resp.json()["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "forbidden", job
+    assert "ONBUILD COPY --from" in job["error"]["message"]
+    _nothing_pushed(stack, f"team-a/triggered-{u}")
+
+
+def test_own_images_and_stages_build(tenants, stack, team_b_images, u):
+    team_a = tenants["team-a"]
+    own = f"team-a/base-{u}"
+    own_id = stack.build_image(f"{own}:1", layers=1)
+    dockerfile = (
+        "ARG BASE\n"
+        f"FROM ${{BASE:-{own}:1}} AS Build\n"
+        "FROM scratch\n"
+        "COPY --from=build /layer0.bin /from-stage\n"
+        f"COPY --from={own}:1 /layer0.bin /from-name\n"
+        f"copy \\\n  --from={own_id} /layer0.bin /from-id\n"
+    )
+    job = _succeeded(team_a, _build(team_a, dockerfile, f"team-a/own-build-{u}"))
+    assert stack.registry_tags(stack.registry, f"team-a/own-build-{u}") == ["1"] and job["build"]["image_id"]
+    # a build argument naming an image of its own is fine too, as is its trigger's own image
+    _daemon_build(stack, f"team-a/onbuild-own-{u}:1", f"FROM scratch\nONBUILD COPY --from={own}:1 /layer0.bin /t\n")
+    _succeeded(team_a, _build(team_a, "ARG BASE=scratch\nFROM $BASE\n", f"team-a/own-arg-{u}", {"BASE": f"team-a/onbuild-own-{u}:1"}))
+    # an image the daemon does not have is not pulled from wherever its name points
+    resp = _build(team_a, f"FROM localhost:1/team-a/absent-{u}:1\n", f"team-a/absent-{u}")
+    assert resp.status_code == 202, resp.text
+    job = team_a.wait(resp.json()["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "image_not_found", job
+
+
+def test_the_admin_builds_from_any_image(tenants, stack, team_b_images, u):
+    admin = tenants["admin"]
+    dockerfile = f"FROM {team_b_images['pulled']}:1\nCOPY --from={team_b_images['built']}:1 /layer0.bin /copied\n"
+    _succeeded(admin, _build(admin, dockerfile, f"team-a/admin-build-{u}"))
