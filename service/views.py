@@ -45,7 +45,7 @@ REPLAY_MAX_BYTES = 256 * 1024
 def _check_registries(names: list[tuple[str, str]]) -> None:
     registries = ctx()["settings"].registries
     errors = [
-        {"field": field, "message": f"no registry named {name!r} is configured"}
+        {"field": field, "message": f"no registry named {name!r} is configured (configured: {', '.join(sorted(registries)) or 'none'})"}
         for field, name in names
         if name not in registries
     ]

@@ -92,6 +92,7 @@ def test_unknown_registry(client, redis_client):
         {"registry": "nowhere", "repository": "a", "tags": ["x"]},
     ]}), 422, "registry_not_configured")
     assert [e["field"] for e in body["errors"]] == ["targets.1.registry"]
+    assert body["errors"][0]["message"] == "no registry named 'nowhere' is configured (configured: hub, local, prod-ecr)"
     problem(client.post("/v1/pull", json={"registry": "nowhere", "repository": "a"}), 422, "registry_not_configured")
     assert redis_client.keys("imagepub:job:*") == []
 
