@@ -32,6 +32,12 @@ ENV PATH=/opt/imagepub/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     IMAGEPUB_HEALTHCHECK_URL=http://127.0.0.1:8080/healthz
+# skopeo (Debian's package) copies images registry to registry for the workers (POST /v1/copy),
+# without a daemon. Its version follows the base's Debian release, with its security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends skopeo \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 imagepub \
  && useradd --system --no-log-init --uid 10001 --gid imagepub \
       --home-dir /home/imagepub --create-home --shell /usr/sbin/nologin imagepub
