@@ -295,11 +295,25 @@ class Fleet:
 
 
 def matches_reference(image: dict[str, Any], pattern: str) -> bool:
-    """``docker image ls --filter reference=PATTERN``, as users write repositories: a name
-    matches when the pattern matches it whole (``localhost:5000/team/app:1``, ``team/app:1``),
-    its repository without the tag, or its repository path without the registry host
-    (``team/*`` matches ``localhost:5000/team/app``). ``*`` stays within one path component."""
-    for name in list(image.get("tags") or []) + list(image.get("digests") or []):
+    """Does any name of ``image`` match ``pattern`` (see :func:`names_matching`)?"""
+    return bool(names_matching(image.get("tags") or [], pattern) or names_matching(image.get("digests") or [], pattern))
+
+
+def filter_reference(image: dict[str, Any], pattern: str) -> dict[str, Any] | None:
+    """``docker image ls --filter reference=PATTERN`` of one image: the image with only its
+    names that match (as Docker answers: a filter never shows an image's other names), or None."""
+    tags, digests = names_matching(image.get("tags") or [], pattern), names_matching(image.get("digests") or [], pattern)
+    return {**image, "tags": tags, "digests": digests} if tags or digests else None
+
+
+def names_matching(names: list[str], pattern: str) -> list[str]:
+    """The names that ``pattern`` matches, as users write repositories: the whole name
+    (``localhost:5000/team/app:1``, ``team/app:1``), its repository without the tag, or its
+    repository path without the registry host (``team/*`` matches ``localhost:5000/team/app``).
+    ``*`` stays within one path component, as in Docker's filter (Go's path.Match)."""
+    glob = _glob(pattern)
+    found = []
+    for name in names:
         parsed = sources.parse(name)
         if parsed is None:
             continue
@@ -308,9 +322,9 @@ def matches_reference(image: dict[str, Any], pattern: str) -> bool:
                       parsed.repository, parsed.path}
         if parsed.tag:
             candidates |= {f"{parsed.repository}:{parsed.tag}", f"{parsed.path}:{parsed.tag}"}
-        if any(_glob(pattern).fullmatch(candidate) for candidate in candidates):
-            return True
-    return False
+        if any(glob.fullmatch(candidate) for candidate in candidates):
+            found.append(name)
+    return found
 
 
 def _glob(pattern: str) -> re.Pattern:

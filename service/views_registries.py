@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from . import control, schemas
 from .errors import NotFound, ValidationFailed
 from .access import image_for
-from .fleet import matches_reference
+from .fleet import filter_reference
 from .auth import is_admin, may_use_repository, require_repositories, require_scope
 from .http import ctx, json_body, load, load_query
 
@@ -168,7 +168,7 @@ def list_daemon_images():
         names = [d.name for d in fleet.daemons()]
     images = fleet.images(names)
     if query.get("reference"):
-        images = [image for image in images if matches_reference(image, query["reference"])]
+        images = [shown for image in images if (shown := filter_reference(image, query["reference"])) is not None]
     if not is_admin(client):
         images = [shown for image in images if (shown := image_for(client, image)) is not None]
     return jsonify({"images": images})

@@ -80,3 +80,13 @@ def test_daemons_and_waiting(fleet, redis_client):
     fleet.unregister("worker-a")
     assert fleet.why_waiting("a") == "daemon a has no worker"
     assert {d.name: d.up for d in fleet.daemons()} == {"a": False, "b": True}
+
+
+def test_the_reference_filter_shows_only_the_names_that_match():
+    """As Docker's filter: a filter never reveals an image's other names (another tenant's)."""
+    from service.fleet import filter_reference
+
+    shown = filter_reference(IMAGES_A[0], "team/*")
+    assert shown["tags"] == ["localhost:5000/team/app:1"] and shown["digests"] == IMAGES_A[0]["digests"]
+    assert filter_reference(IMAGES_A[0], "app:1")["tags"] == ["app:1"] and filter_reference(IMAGES_A[0], "app:1")["digests"] == []
+    assert filter_reference(IMAGES_A[0], "other/*") is None
