@@ -14,6 +14,7 @@ from flask import Flask, Response, g, json, request
 from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 
+from . import artifacts
 from . import config as config_module
 from .config import Settings
 from .errors import ImagepubError
@@ -87,6 +88,7 @@ def deployment_spec(settings: Settings) -> dict:
     schemas = spec["components"]["schemas"]
     schemas["PublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["BuildRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
+    schemas["ArchivePublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["TargetRequest"]["properties"]["tags"]["maxItems"] = settings.limits.max_tags_per_target
     schemas["RegistryName"]["enum"] = sorted(settings.registries)
     rules = []
@@ -125,12 +127,14 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
     app.json.sort_keys = False
     store = store or JobStore.from_config(settings)
+    control = RegistryControl(queue.celery)
     app.extensions["imagepub"] = {
         "settings": settings,
         "store": store,
         "fleet": Fleet(store.redis, store.prefix),
         "queue": queue,
-        "control": RegistryControl(queue.celery),
+        "control": control,
+        "artifacts": artifacts.for_api(settings, control),  # uploads wait there for their job
         # the contract as served: rendered again only when the fleet's daemons change
         "spec": functools.lru_cache(maxsize=8)(lambda daemons, spec=deployment_spec(settings): served_spec(spec, list(daemons))),
         # marshmallow schemas are reusable and thread-safe for load(): build them once

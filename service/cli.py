@@ -136,6 +136,9 @@ def _when(job: dict[str, Any]) -> str:
 def summary(job: dict[str, Any]) -> str:
     request = job.get("request") or {}
     targets = ", ".join(f"{t['registry']}/{t['repository']}:{','.join(t['tags'])}" for t in request.get("targets") or [])
+    if job.get("kind") == "publish" and job.get("archive"):
+        archive = job["archive"]
+        return f"publish {archive.get('format')} sha256:{str(archive.get('sha256'))[:12]} ({size_text(archive.get('bytes'))}) → {targets}"
     if job.get("kind") == "publish":
         return f"publish {request.get('source')} → {targets}"
     if job.get("kind") == "pull":
@@ -343,6 +346,11 @@ def _follow(args: argparse.Namespace, client, job: dict[str, Any]) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    if args.upload or args.archive is not None:
+        return _publish_upload(args)
+    if args.source is None:
+        print("error: give SOURCE (an image in the daemons imagepub drives), SOURCE --upload, or --archive FILE", file=sys.stderr)
+        return EXIT_USAGE
     request: dict[str, Any] = {"source": args.source, "targets": group_targets(args.to)}
     if args.daemon:
         request["daemon"] = args.daemon
@@ -352,6 +360,37 @@ def _publish(args: argparse.Namespace) -> int:
         request["callback_url"] = args.callback_url
     client = _client(args)
     return _follow(args, client, client.publish(request, args.idempotency_key))
+
+
+def _publish_upload(args: argparse.Namespace) -> int:
+    """The image as an archive from here: SOURCE from this machine's Docker daemon (--upload),
+    or a file (--archive); the job needs no daemon of imagepub's."""
+    from .cli_upload import LocalArchiveError, local_archive, upload_view
+    from .client import ArchiveUpload, UploadFailed
+
+    if (args.source is None) == (args.archive is None) or (args.archive is not None and args.upload) or args.daemon:
+        print("error: give SOURCE --upload (an image in the Docker daemon DOCKER_HOST names) or --archive FILE "
+              "(- for stdin), not both; --daemon is for an image in imagepub's daemons", file=sys.stderr)
+        return EXIT_USAGE
+    request: dict[str, Any] = {"targets": group_targets(args.to)}
+    if args.create_repository:
+        request["create_repository"] = True
+    if args.callback_url:
+        request["callback_url"] = args.callback_url
+    client = _client(args)
+    try:
+        with local_archive(args.source, args.archive) as archive:
+            progress = upload_view(args.json, archive, size_text)
+            try:
+                upload = ArchiveUpload(request, archive.chunks, archive.size, progress.sent_bytes,
+                                       filename=os.path.basename(args.archive) if args.archive not in (None, "-") else "image.tar")
+                job = client.publish_archive(upload, args.idempotency_key)
+            finally:
+                progress.close()
+    except (LocalArchiveError, UploadFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _follow(args, client, job)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -547,8 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(func=_token_new)
 
     to_help = "REGISTRY/REPOSITORY:TAG[,TAG…] (a configured registry's name); repeat for more targets or tags"
-    publish = _add_client_parser(sub, "publish", "publish an image from the daemon to one or more targets", _publish)
-    publish.add_argument("source", metavar="SOURCE", help="an image in the daemon: name[:tag], name@digest or an image id")
+    publish = _add_client_parser(sub, "publish", "publish an image from the daemon, or uploaded from here, to one or more targets", _publish)
+    publish.add_argument("source", metavar="SOURCE", nargs="?",
+                         help="an image in imagepub's daemons (name[:tag], name@digest or an image id); with --upload, in this machine's")
+    publish.add_argument("--upload", action="store_true",
+                         help="send SOURCE from the Docker daemon this command reaches (DOCKER_HOST), as docker save writes it: "
+                              "no daemon of imagepub's is involved")
+    publish.add_argument("--archive", metavar="FILE",
+                         help="send this image archive instead of SOURCE: docker save -o FILE, or an OCI layout tar "
+                              "(buildx --output type=oci,dest=FILE), gzipped or not; - for stdin")
     publish.add_argument("--to", type=target_arg, action="append", required=True, metavar="TARGET", help=to_help)
     publish.add_argument("--create-repository", action="store_true", help="create missing ECR repositories (when the registry allows it)")
     publish.add_argument("--callback-url", metavar="URL", help="POST the finished job here")

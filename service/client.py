@@ -19,7 +19,7 @@ import secrets
 import tarfile
 import tempfile
 import time
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import requests
 
@@ -123,6 +123,13 @@ class ImagepubClient:
         body = MultipartBody(request, context)
         headers = {"Content-Type": body.content_type, **_idempotency(idempotency_key)}
         return self._request("POST", "/v1/build", data=body, headers=headers, read_timeout=UPLOAD_READ_TIMEOUT).json()
+
+    def publish_archive(self, upload: "ArchiveUpload", idempotency_key: str | None = None) -> dict[str, Any]:
+        """``POST /v1/publish`` with an image archive: multipart/form-data, the JSON ``request``
+        first (a refused request costs no upload), then the archive, streamed as it is read."""
+        headers = {"Content-Type": upload.content_type, **_idempotency(idempotency_key)}
+        body = upload if upload.len is not None else iter(upload)  # a length: Content-Length; else chunked
+        return self._request("POST", "/v1/publish", data=body, headers=headers, read_timeout=UPLOAD_READ_TIMEOUT).json()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -346,6 +353,69 @@ class MultipartBody:
             else:
                 self._parts.pop(0)
         return out
+
+
+class UploadFailed(ClientError):
+    """The archive could not be read while it was being sent (a file, stdin, the daemon)."""
+
+
+class ArchiveUpload:
+    """multipart/form-data with two parts, ``request`` (application/json) then ``image`` (the
+    archive), its bytes taken from ``chunks`` as they are sent; ``on_sent(n)`` hears of each.
+
+    With ``size`` (a file), ``len`` gives requests a Content-Length; without it (stdin, a
+    daemon's ``docker save``) the body goes chunked."""
+
+    def __init__(self, request: dict[str, Any], chunks: Iterator[bytes], size: int | None = None,
+                 on_sent: Callable[[int], None] | None = None, filename: str = "image.tar"):
+        boundary = "imagepub-" + secrets.token_hex(16)
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        self._head = (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="request"\r\n'
+            "Content-Type: application/json\r\n\r\n"
+            f"{json.dumps(request)}\r\n"
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            "Content-Type: application/x-tar\r\n\r\n"
+        ).encode()
+        self._tail = f"\r\n--{boundary}--\r\n".encode()
+        self.len = None if size is None else len(self._head) + size + len(self._tail)
+        self._chunks, self._on_sent = chunks, on_sent
+        self._pieces: Iterator[bytes] | None = None
+        self._buffer = b""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        while True:
+            try:
+                chunk = next(self._chunks, None)
+            except (OSError, ValueError) as exc:
+                raise UploadFailed(f"reading the archive failed: {exc}") from None
+            if chunk is None:
+                break
+            if chunk:
+                yield chunk
+                if self._on_sent:
+                    self._on_sent(len(chunk))
+        yield self._tail
+
+    def read(self, size: int = -1) -> bytes:
+        """For a body of known length: requests reads it in blocks."""
+        if self._pieces is None:
+            self._pieces = iter(self)
+        while size < 0 or len(self._buffer) < size:
+            piece = next(self._pieces, None)
+            if piece is None:
+                break
+            self._buffer += piece
+        out = self._buffer if size < 0 else self._buffer[:size]
+        self._buffer = self._buffer[len(out):]
+        return out
+
+
+def file_chunks(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    return iter(lambda: f.read(chunk_size), b"")
 
 
 class _BytesReader:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -117,6 +118,27 @@ class Limits:
     # connection for as long as the job runs (the gevent worker: 1,000 connections a process);
     # followers beyond it get 503 and poll (the CLI does so by itself).
     event_streams_per_process: int = 2
+    # An uploaded image archive (POST /v1/publish, multipart). S3 takes at most 5 GiB in one PUT,
+    # the way the API hands an archive to an s3 artifact store (README, Design): the bound.
+    max_archive_bytes: int = 2 * 1024**3
+
+
+MAX_ARCHIVE_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where uploads (image archives, build contexts) wait for the worker that runs their job:
+    a place the API and every worker reach. ``type: directory`` is a path on one host (or a
+    volume every pod mounts); ``type: s3`` a bucket, which only workers have credentials for
+    (the API stores through URLs a worker presigns: service/artifacts.py)."""
+
+    type: str = "directory"
+    path: str | None = None
+    bucket: str | None = None
+    prefix: str = "imagepub/uploads/"
+    region: str | None = None
+    endpoint_url: str | None = None
 
 
 # audit: read the audit trail (GET /v1/audit), which admin may too
@@ -243,6 +265,7 @@ class Settings:
     daemon_name: str | None = "default"
     worker_alive_file: str | None = "/tmp/imagepub-worker.alive"
     skopeo: SkopeoSettings = field(default_factory=SkopeoSettings)
+    artifacts: Artifacts = field(default_factory=Artifacts)
     audit: Audit = field(default_factory=Audit)
 
     def webhook_secret(self) -> str | None:
@@ -333,6 +356,45 @@ class _LimitsSchema(Schema):
     max_context_bytes = fields.Integer(load_default=Limits.max_context_bytes, validate=validate.Range(min=1024, max=512 * 1024 * 1024))
     max_context_entries = fields.Integer(load_default=Limits.max_context_entries, validate=validate.Range(min=1, max=1_000_000))
     event_streams_per_process = fields.Integer(load_default=Limits.event_streams_per_process, validate=validate.Range(min=1, max=1000))
+    max_archive_bytes = fields.Integer(load_default=Limits.max_archive_bytes, validate=validate.Range(min=1024, max=MAX_ARCHIVE_BYTES))
+
+
+class _ArtifactsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(load_default="directory", validate=validate.OneOf(["directory", "s3"]))
+    path = fields.String(validate=validate.Length(min=1, max=4096))
+    bucket = fields.String(validate=validate.Regexp(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z", error="an S3 bucket name"))
+    prefix = fields.String(load_default=Artifacts.prefix, validate=validate.Length(max=512))
+    region = fields.String()
+    endpoint_url = fields.Url(schemes={"http", "https"}, require_tld=False)
+
+    @pre_load
+    def unset_when_empty(self, data, **_):
+        """``bucket: ""`` is no bucket (Helm values leave one for the s3 type's sake)."""
+        return {k: v for k, v in data.items() if v not in ("", None)} if isinstance(data, Mapping) else data
+
+    @validates_schema
+    def check(self, data, **_):
+        if data["type"] == "directory":
+            if not data.get("path", "/").startswith("/"):
+                raise ValidationError("an absolute path", "path")
+            for key in ("bucket", "region", "endpoint_url"):
+                if key in data:
+                    raise ValidationError("only for type: s3", key)
+        elif not data.get("bucket"):
+            raise ValidationError("required for type: s3", "bucket")
+        elif "path" in data:
+            raise ValidationError("only for type: directory", "path")
+
+
+def _artifacts(data: Mapping[str, Any]) -> Artifacts:
+    if data["type"] == "directory":
+        # the default suits one host, API and workers side by side (what scripts/run sets up)
+        return Artifacts(type="directory", path=data.get("path") or str(Path(tempfile.gettempdir()) / "imagepub-artifacts"))
+    return Artifacts(type="s3", bucket=data["bucket"], prefix=data["prefix"], region=data.get("region"),
+                     endpoint_url=data.get("endpoint_url"))
 
 
 class _ClientSchema(Schema):
@@ -447,6 +509,7 @@ class _FileSchema(Schema):
     webhooks = fields.Nested(_WebhooksSchema, load_default=dict)
     retention = fields.Nested(_RetentionSchema, load_default=dict)
     audit = fields.Nested(_AuditSchema, load_default=dict)
+    artifacts = fields.Nested(_ArtifactsSchema, load_default=lambda: {"type": "directory", "prefix": Artifacts.prefix})
     job_timeout_seconds = fields.Integer(load_default=3600, validate=validate.Range(min=10))
     redis_url = fields.String()
     log_level = fields.String(load_default="INFO")
@@ -514,6 +577,7 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         daemon_name=_daemon_name(environ.get("IMAGEPUB_DAEMON_NAME", "default")),
         worker_alive_file=environ.get("IMAGEPUB_WORKER_ALIVE_FILE", "/tmp/imagepub-worker.alive") or None,
         skopeo=_skopeo(environ),
+        artifacts=_artifacts(data["artifacts"]),
         audit=Audit(**data["audit"]),
     )
 

@@ -1,4 +1,5 @@
-"""Synchronous registry operations (create, list and describe repositories, list images).
+"""Synchronous registry operations (create, list and describe repositories, list images), and
+the artifact store's operations that need credentials (presigning an upload, deleting one).
 
 The API never talks to ECR itself: it asks a worker over the control queue and waits for the
 answer, a few seconds at most. Only the workers hold cloud credentials, and the API image needs
@@ -20,6 +21,9 @@ CREATE_REPOSITORY = "imagepub.control.create_repository"
 DESCRIBE_REPOSITORY = "imagepub.control.describe_repository"
 LIST_REPOSITORIES = "imagepub.control.list_repositories"
 LIST_IMAGES = "imagepub.control.list_images"
+# The artifact store of type s3 (service/artifacts.py): only workers hold its credentials.
+PRESIGN_UPLOAD = "imagepub.control.presign_upload"
+DELETE_UPLOAD = "imagepub.control.delete_upload"
 
 
 def raise_from_answer(answer: dict[str, Any]) -> Any:
@@ -51,3 +55,10 @@ class RegistryControl:
         if not isinstance(answer, dict):
             raise errors.ImagepubError("a worker failed to answer the registry operation")
         return raise_from_answer(answer)
+
+    def send(self, task: str, *args: Any) -> None:
+        """Ask a worker to do ``task`` without waiting for it (nobody needs the answer)."""
+        try:
+            self.celery.send_task(task, args=list(args), queue=CONTROL_QUEUE, ignore_result=True)
+        except Exception:
+            raise errors.ServiceUnavailable("the job queue is unavailable", code="queue_unavailable") from None

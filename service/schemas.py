@@ -205,6 +205,22 @@ class BuildSchema(PublishSchema):
         return data
 
 
+class ArchivePublishSchema(PublishSchema):
+    """The JSON ``request`` part of a publish of an uploaded image archive: a publish whose
+    source is the archive (so no daemon is involved, nor named)."""
+
+    class Meta:
+        unknown = RAISE
+        exclude = ("daemon",)
+
+    source = fields.Raw(load_default=None, validate=validate.Equal(None, error="the `image` part is the source; no source"))
+
+    @post_load
+    def drop_source(self, data, **_):
+        data.pop("source", None)
+        return data
+
+
 PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?", re.ASCII)  # os/architecture[/variant]
 MAX_PLATFORMS = 32
 

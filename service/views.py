@@ -19,12 +19,14 @@ from .auth import current_client, is_admin, require_repositories, require_scope,
 from .callbacks import CallbackRefused, check_callback_url
 from .build_context import ContextRefused, check_context
 from .build_sources import require_build_sources
-from .errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from .artifacts import Artifacts, Upload, has_upload, store_bytes
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .routing import queue_for
 from .jobstore import TERMINAL_STATES, epoch, is_job_id
-from .schemas import BuildSchema, CopySchema, JobListQuery, repository_in
+from .schemas import ArchivePublishSchema, BuildSchema, CopySchema, JobListQuery, repository_in
+from .uploads import archive_too_large, receive_archive
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
@@ -121,28 +123,43 @@ def _check_queue_depth(store, settings) -> None:
         )
 
 
-def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None, daemon: str | None = None) -> Response:
+def _submit(kind: str, normalized: dict[str, Any], daemon: str | None = None, upload: Upload | None = None) -> Response:
+    """Store and queue the job. With an ``upload`` (already in the artifact store, named by the
+    job's id to be): the job takes that id and records it; an upload that ends up with no job
+    of its own (refused, or a replayed request's) is removed."""
+    try:
+        response = _store_job(kind, normalized, daemon, upload)
+    except BaseException:
+        if upload is not None:
+            upload.discard()
+        raise
+    if upload is not None and response.headers.get("Idempotent-Replayed"):
+        upload.discard()
+    return response
+
+
+def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload: Upload | None) -> Response:
     settings, store, queue = ctx()["settings"], ctx()["store"], ctx()["queue"]
     client, key = current_client().name, request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise ValidationFailed([{"field": "Idempotency-Key", "message": "1 to 255 visible ASCII characters"}])
-    if context is not None:
-        # the request names its context by digest: the same key with other sources → conflict
-        normalized = {**normalized, "context_sha256": hashlib.sha256(context).hexdigest(), "context_bytes": len(context)}
     job = new_job(kind, normalized)
     job["client"] = client
+    if upload is not None:
+        job["id"] = upload.job_id  # the artifact store names an upload by its job's id
+        job.update(upload.fields)
     if daemon is not None:
         job["daemon"] = daemon
     _check_queue_depth(store, settings)
     if key is not None:
         job["idempotency_key"] = key
-        request_hash = hashlib.sha256(json.dumps([kind, normalized], sort_keys=True).encode()).hexdigest()
+        # an uploaded archive is part of the request: the same key with another archive → conflict
+        material = [kind, normalized] + ([upload.sha256] if upload is not None and "archive" in upload.fields else [])
+        request_hash = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
         bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
         if bound is not None:
             return _replay(store, *bound, request_hash)
     try:
-        if context is not None:
-            store.put_context(job["id"], context)
         # the key's binding outlives the job's retention; shortened to it when the job ends
         route = queue_for(job)
         record = store.create(job, message=queue.message(job["id"], route), queue=route,
@@ -151,16 +168,14 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None,
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
             store.delete(job)
-            store.drop_context(job["id"])
             if key is not None:
                 store.release_idempotency_key(client, key)
         except Exception:
             pass
         raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
     if record is None:  # our claim of the key lapsed and another request took it: that one stands
-        store.drop_context(job["id"])
         bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
-        return _replay(store, *bound, request_hash) if bound else _submit(kind, normalized, context, daemon)
+        return _replay(store, *bound, request_hash) if bound else _store_job(kind, normalized, daemon, upload)
     log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})
     return _accepted(job, record=record)
 
@@ -168,11 +183,39 @@ def _submit(kind: str, normalized: dict[str, Any], context: bytes | None = None,
 @jobs.post("/v1/publish")
 def publish():
     client = require_scope("publish")
+    if request.mimetype == "multipart/form-data":
+        return _publish_archive(client)
     data = load(ctx()["schemas"]["publish"], json_body())
     require_source(client, data["source"])
     _check_targets(client, data)
     # where the source is: the daemon named, or the one that holds it (service/fleet.py)
     return _submit("publish", data, daemon=ctx()["fleet"].place(data["source"], data.get("daemon")))
+
+
+def _publish_archive(client) -> Response:
+    """An image archive (``image``) and the JSON request (``request``, without a source), as
+    multipart/form-data: streamed to the artifact store, checked on the way (service/uploads.py);
+    the job needs no daemon (service/routing.py)."""
+    limits = ctx()["settings"].limits
+    limit = limits.max_archive_bytes + limits.max_body_bytes  # the archive, the JSON, the parts' headers
+    if request.content_length is not None and request.content_length > limit:
+        raise archive_too_large(limits)  # not a byte read
+    request.max_content_length = limit
+    boundary = request.mimetype_params.get("boundary")
+    if not boundary:
+        raise BadRequest("a multipart/form-data body needs its boundary", code="invalid_multipart")
+
+    def load_request(raw: bytes) -> dict[str, Any]:
+        data = load(ArchivePublishSchema(limits=limits), parse_json(raw, "request"))
+        _check_targets(client, data)
+        return data
+
+    data, received = receive_archive(request.stream, boundary.encode("latin-1"), limits, _artifacts(), load_request)
+    return _submit("publish", data, upload=received.store(_artifacts()))
+
+
+def _artifacts() -> Artifacts:
+    return ctx()["artifacts"]
 
 
 @jobs.post("/v1/pull")
@@ -224,7 +267,9 @@ def build():
     except ContextRefused as exc:
         raise ValidationFailed([{"field": "context", "message": str(exc)}], code="invalid_context") from None
     require_build_sources(client, archive, data, settings.limits)  # the images its Dockerfile reads
-    return _submit("build", data, context=archive)
+    # the request names its context by digest: the same key with other sources → conflict
+    data = {**data, "context_sha256": hashlib.sha256(archive).hexdigest(), "context_bytes": len(archive)}
+    return _submit("build", data, upload=store_bytes(_artifacts(), archive))
 
 
 def _job_or_404(job_id: str) -> dict[str, Any]:
@@ -285,8 +330,8 @@ def cancel_job(job_id: str):
         raise Conflict(f"job {job_id} already ended {job['state']}", code="job_finished")
     log.info("job cancel %s", outcome, extra={"job_id": job_id})
     if outcome == "cancelled":
-        if job["kind"] == "build":
-            ctx()["store"].drop_context(job_id)
+        if has_upload(job):
+            _artifacts().delete(job_id)
         return jsonify(job)  # its webhook, if any, is owed already: the store did it with the cancel
     resp = jsonify(job)  # running: its worker stops it and records "cancelled"
     resp.status_code = 202

@@ -25,9 +25,9 @@ MAX_LINE = 1000
 
 def build(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
     request, record = job["request"], job["build"]
-    context = deps.store.get_context(job["id"])
+    context = deps.artifacts.read(job["id"])  # put in the artifact store by the API (service/artifacts.py)
     if context is None:
-        raise errors.JobFailed("the build context is gone (expired before the job ran)", code="context_missing")
+        raise errors.JobFailed("the build context is gone (deleted, or expired before the job ran)", code="context_missing")
     try:  # checked at submission; checked again here, where it is unpacked
         compressed = check_context(context, request["dockerfile"], deps.settings.limits)
     except ContextRefused as exc:

@@ -1,4 +1,5 @@
-"""Control-queue tasks: the registry operations the API answers synchronously.
+"""Control-queue tasks: the registry operations the API answers synchronously, and what the
+API needs done in an s3 artifact store (it holds no credentials for it).
 
 Each returns ``{"ok": True, "value": …}`` or ``{"ok": False, "error": {code, message, status}}``;
 errors travel as data so the API can render the very same problem+json.
@@ -11,6 +12,7 @@ from typing import Any, Callable
 
 from service import control, errors
 
+from .artifacts import S3Artifacts
 from .celery_app import app
 from .deps import get_deps
 
@@ -71,3 +73,20 @@ def list_repositories(registry: str, limit: int, cursor: str | None) -> dict[str
 def list_images(registry: str, repository: str, limit: int, cursor: str | None) -> dict[str, Any]:
     images, next_cursor = _ecr(registry).ecr.list_images(repository, limit=limit, cursor=cursor)
     return {"images": images, "next_cursor": next_cursor}
+
+
+@app.task(name=control.PRESIGN_UPLOAD, acks_late=False, ignore_result=False)
+@_answer
+def presign_upload(key: str) -> str:
+    """A URL the API may PUT one upload to, for ``type: s3`` (the API holds no AWS credentials)."""
+    artifacts = get_deps().artifacts
+    if not isinstance(artifacts, S3Artifacts):
+        raise errors.ImagepubError("this worker's artifact store is not of type s3: the API and workers disagree",
+                                   code="artifact_store_unavailable").with_status(503)
+    return artifacts.presign_put(key)
+
+
+@app.task(name=control.DELETE_UPLOAD, acks_late=False)
+def delete_upload(key: str) -> None:
+    """An upload whose job was cancelled before it ran (nobody waits for the answer)."""
+    get_deps().artifacts.delete(key)

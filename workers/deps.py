@@ -17,6 +17,8 @@ from service.config import Settings
 from service.jobstore import JobStore
 from service.queue import JobQueue
 
+from .artifacts import Artifacts
+from .artifacts import from_config as artifacts_from_config
 from .docker_engine import DockerEngine
 from .registries import Target, build_targets
 from .skopeo import Skopeo
@@ -31,6 +33,7 @@ class Deps:
     targets: Mapping[str, Target]
     queue: JobQueue
     skopeo: Skopeo = field(default_factory=Skopeo)  # copies between registries: no daemon
+    artifacts: Artifacts | None = None  # uploads (archives, build contexts): workers/artifacts.py
 
     @classmethod
     def from_config(cls, settings: Settings) -> "Deps":
@@ -47,6 +50,7 @@ class Deps:
             targets=build_targets(settings, lambda cfg: EcrRegistry.from_config(cfg, store.redis, settings.recovery.lock_ttl_seconds)),
             queue=JobQueue.from_config(settings),
             skopeo=Skopeo.from_config(settings),
+            artifacts=artifacts_from_config(settings),
         )
 
 

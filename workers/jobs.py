@@ -18,18 +18,20 @@ import random
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service import errors
+from service.artifacts import has_upload
 from service.jobstore import TERMINAL_STATES, utcnow
 from service.queue import DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue
 from service.routing import needs_daemon, queue_for
 
 from .deps import Deps
 from .leases import Leases
+from .archive import publish_archive
 from .build import build
 from .copy import copy
 from .publish import publish
@@ -142,6 +144,13 @@ class Progress:
             raise errors.Cancelled("the job was ended by a caller")
 
 
+def step_for(job: dict[str, Any]) -> Callable[[dict[str, Any], Deps, "Progress"], None]:
+    """What runs a job: its kind's step; a publish's source is a daemon's image or an archive."""
+    if job["kind"] == "publish" and "archive" in job:
+        return publish_archive
+    return STEPS[job["kind"]]
+
+
 def serves(queue: str, daemon: str | None) -> bool:
     """May a worker of ``daemon`` (None: a worker without one) run a job routed to ``queue``?"""
     if queue == JOBS_QUEUE:
@@ -181,8 +190,8 @@ def run(job_id: str, deps: Deps) -> None:
     finally:
         guard.release()
     # A webhook the job owes went into the outbox with its terminal state (JobStore.save).
-    if job["state"] in TERMINAL_STATES and job["kind"] == "build":
-        deps.store.drop_context(job_id)
+    if job["state"] in TERMINAL_STATES and has_upload(job):
+        deps.artifacts.delete(job_id)  # if this fails, or the worker dies first: the sweeper
 
 
 def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:
@@ -203,7 +212,7 @@ def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:
     try:
         progress.transition("running", attempts=job["attempts"] + 1, started_at=job["started_at"] or utcnow(), next_attempt_at=None)
         log.info("job started", extra={"job_id": job["id"], "kind": job["kind"], "attempt": job["attempts"]})
-        STEPS[job["kind"]](job, deps, progress)
+        step_for(job)(job, deps, progress)
     except errors.Cancelled:
         job.pop("worker_losses", None)
         progress.transition("cancelled", finished_at=utcnow(), error={"code": "cancelled", "message": "cancelled while running"})

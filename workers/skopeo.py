@@ -429,14 +429,19 @@ class Session:
 
     def copy(self, source: Endpoint, destination: Endpoint, *, all_images: bool = True, index_only: bool = False,
              on_blob: BlobCallback | None = None, sizes: Mapping[str, int] | None = None,
-             check: Callable[[], None] | None = None) -> CopyResult:
+             check: Callable[[], None] | None = None, preserve_digests: bool = True,
+             manifest_format: str | None = None) -> CopyResult:
         """``skopeo copy --preserve-digests``: the destination gets the very bytes of the source's
         manifests (or the copy fails). ``all_images`` copies every image of an index;
         ``index_only`` the index alone (its images must be at the destination already).
-        ``check`` is called a few times a second and may raise to stop the copy."""
+        ``check`` is called a few times a second and may raise to stop the copy. Without
+        ``preserve_digests`` skopeo may rewrite manifests (compress the layers of a
+        ``docker-archive``, whose manifest it makes), in ``manifest_format`` (``--format``:
+        ``v2s2``, ``oci``) when given."""
         self._copies += 1
         digest_file = self.dir / f"digest-{self._copies}"
-        argv = self._global() + ["--debug", "copy", "--preserve-digests", f"--digestfile={digest_file}"]
+        argv = self._global() + ["--debug", "copy"] + (["--preserve-digests"] if preserve_digests else [])
+        argv += ([f"--format={manifest_format}"] if manifest_format else []) + [f"--digestfile={digest_file}"]
         if index_only:
             argv.append("--multi-arch=index-only")
         elif all_images:

@@ -6,7 +6,10 @@
   memory as Celery ETA tasks would, so a worker that dies takes no waiting retry with it),
 - finds jobs whose worker died — ``running`` but with no live job lock — and enqueues them
   again, so that a killed worker (or machine) delays a job by about a minute, not by Redis'
-  visibility timeout.
+  visibility timeout,
+- removes uploads from the artifact store that no job will delete: their job ended (a worker
+  died before deleting it) or does not exist (it expired, or its API process died between
+  storing the upload and the job).
 
 Every worker runs one; a short Redis lock lets one at a time do the sweeping.
 """
@@ -20,21 +23,28 @@ import time
 
 import redis
 
+from service.artifacts import ORPHAN_GRACE_SECONDS
 from service.config import Settings
 from service.fleet import Fleet
-from service.jobstore import JobStore
+from service.jobstore import TERMINAL_STATES, JobStore
 from service.queue import JobQueue
 from service.routing import queue_for
+
+from .artifacts import Artifacts
+from .artifacts import from_config as artifacts_from_config
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+UPLOAD_SWEEP_SECONDS = 300.0
 REQUEUE_MARK_SECONDS = 600
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, name: str, info: dict | None = None):
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, name: str, info: dict | None = None,
+                 artifacts: Artifacts | None = None):
         self.settings, self.store, self.queue, self.name = settings, store, queue, name
+        self.artifacts = artifacts or artifacts_from_config(settings)
         self.fleet = Fleet(store.redis, store.prefix)
         self.info = info or {}  # what the fleet shows of this worker: its daemon, host, concurrency
         self._stop = threading.Event()
@@ -60,7 +70,7 @@ class Supervisor:
                 pass
 
     def _loop(self) -> None:
-        last_beat = last_scan = 0.0
+        last_beat = last_scan = last_upload_sweep = 0.0
         while not self._stop.wait(0.5):
             now = time.monotonic()
             try:
@@ -74,6 +84,9 @@ class Supervisor:
                 if now - last_scan >= self.settings.recovery.scan_interval_seconds:
                     self.recover_orphans()
                     last_scan = now
+                if now - last_upload_sweep >= UPLOAD_SWEEP_SECONDS:
+                    last_upload_sweep = now
+                    self.sweep_uploads()
             except redis.exceptions.RedisError as exc:  # Redis away: readiness says so; keep trying
                 log.warning("supervisor: Redis error %s", exc.__class__.__name__)
             except Exception:
@@ -123,6 +136,21 @@ class Supervisor:
                 self._enqueue(job_id)
                 requeued.append(job_id)
         return requeued
+
+    def sweep_uploads(self) -> list[str]:
+        """Delete the uploads whose job has ended, or has not existed for ORPHAN_GRACE_SECONDS
+        (the API stores an upload a moment before its job); the keys deleted."""
+        if not self._sweep_lock("uploads", UPLOAD_SWEEP_SECONDS / 2):
+            return []
+        swept = []
+        for key, age in self.artifacts.listing():
+            job = self.store.get(key)
+            if (job is None and age > ORPHAN_GRACE_SECONDS) or (job is not None and job["state"] in TERMINAL_STATES):
+                self.artifacts.delete(key)
+                swept.append(key)
+        if self.artifacts.sweep_incoming() or swept:
+            log.info("swept uploads no job will delete", extra={"count": len(swept)})
+        return swept
 
     def _enqueue(self, job_id: str) -> None:
         """Queue the job where its first run was queued (service/routing.py): a job that needs

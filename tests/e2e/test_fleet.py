@@ -195,3 +195,21 @@ def test_the_cli_shows_the_fleet_and_publishes_to_a_named_daemon(fleet, stack, u
     assert job["state"] == "succeeded" and job["daemon"] == "b"
     refused = run("publish", source, "--to", f"local/fleet/cli-{unique}:v1", "--daemon", "a", "--wait")
     assert refused.returncode == 1 and "image_not_found" in refused.stdout + refused.stderr, refused  # the job fails: a lacks it
+
+
+def test_an_archive_uploaded_to_api_1_runs_on_any_worker(fleet, stack, tmp_path, unique):
+    """An uploaded archive needs no daemon: it goes on the shared queue, which every worker
+    takes from, and waits in the artifact store (here the default: a directory on this host,
+    which the API and both workers share)."""
+    import image_archives as ia
+
+    archive, image = ia.oci_archive(tmp_path / "layout")
+    repository = f"fleet/upload-{unique}"
+    body, content_type = ia.multipart({"targets": [{"registry": "local", "repository": repository, "tags": ["v1"]}]}, archive)
+    api = fleet.apis[0]
+    resp = api.http.post(api.base_url + "/v1/publish", data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    done = fleet.apis[1].wait(resp.json()["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert "daemon" not in done  # no daemon's queue, no daemon's image store
+    assert stack.registry_digest(stack.registry, repository, "v1") == image.digest

@@ -81,3 +81,25 @@ Exits 0 while the supervisor's alive file (IMAGEPUB_WORKER_ALIVE_FILE, by defaul
 {{- define "imagepub.workerAliveCheck" -}}
 import os, sys, time; path = os.environ.get('IMAGEPUB_WORKER_ALIVE_FILE') or '/tmp/imagepub-worker.alive'; age = time.time() - os.path.getmtime(path) if os.path.exists(path) else None; sys.exit(0 if age is not None and age <= {{ . }} else path + (' is missing' if age is None else f' was last touched {age:.0f}s ago (limit {{ . }}s)'))
 {{- end }}
+
+{{/*
+The artifact store's volume, when `config.artifacts` is a directory: one volume every API and
+worker pod mounts at its path (a pod's own disk would hide an upload from the worker that
+runs its job). An s3 store needs none: the API spools to /tmp, workers fetch into /tmp.
+*/}}
+{{- define "imagepub.artifactsVolumeMount" -}}
+{{- $artifacts := .Values.config.artifacts | default dict }}
+{{- if eq ($artifacts.type | default "") "directory" }}
+- name: artifacts
+  mountPath: {{ required "config.artifacts.path is required for type: directory" $artifacts.path }}
+{{- end }}
+{{- end }}
+
+{{- define "imagepub.artifactsVolume" -}}
+{{- $artifacts := .Values.config.artifacts | default dict }}
+{{- if eq ($artifacts.type | default "") "directory" }}
+- name: artifacts
+  persistentVolumeClaim:
+    claimName: {{ required "artifactsVolume.existingClaim is required for config.artifacts of type directory: a volume every API and worker pod mounts (ReadWriteMany)" .Values.artifactsVolume.existingClaim }}
+{{- end }}
+{{- end }}
