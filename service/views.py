@@ -196,10 +196,12 @@ def _publish_archive(client) -> Response:
     """An image archive (``image``) and the JSON request (``request``, without a source), as
     multipart/form-data: streamed to the artifact store, checked on the way (service/uploads.py);
     the job needs no daemon (service/routing.py)."""
-    limits = ctx()["settings"].limits
+    settings = ctx()["settings"]
+    limits = settings.limits
     limit = limits.max_archive_bytes + limits.max_body_bytes  # the archive, the JSON, the parts' headers
     if request.content_length is not None and request.content_length > limit:
         raise archive_too_large(limits)  # not a byte read
+    _check_queue_depth(ctx()["store"], settings)  # before the upload, not after it
     request.max_content_length = limit
     boundary = request.mimetype_params.get("boundary")
     if not boundary:

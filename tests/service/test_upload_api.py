@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+import time
 
 import pytest
 
@@ -228,3 +229,35 @@ def test_a_build_context_waits_in_the_artifact_store_not_in_redis(client, store,
     assert not redis_client.exists(f"imagepub:job:{job['id']}:context")
     client.post(f"/v1/jobs/{job['id']}/cancel")
     assert stored(store) == []
+
+
+def test_a_full_queue_is_503_before_the_archive_is_read(redis_url, redis_client, store):
+    settings = config.parse({
+        "registries": {"local": {"type": "registry", "host": "localhost:5000"}},
+        "limits": {"max_queued_jobs": 1},
+        "artifacts": {"type": "directory", "path": str(store)},
+        "auth": {"anonymous": True},
+    }, {"IMAGEPUB_REDIS_URL": redis_url})
+    client = CheckedClient(create_app(settings).test_client())
+    queued = post(client, ia.tar(ia.docker_archive_entries(1))).get_json()
+    time.sleep(0.2)  # the queue depth is read at most every 0.1 s
+    body, content_type = ia.multipart({"targets": TARGETS}, ia.tar(ia.docker_archive_entries(1)))
+    stream = _Counting(body)
+    resp = client.post("/v1/publish", input_stream=stream, content_length=len(body), content_type=content_type)
+    problem(resp, 503, "queue_full")
+    assert stream.read_bytes == 0  # the client's upload was not taken only to be refused
+    assert stored(store) == [queued["id"]]
+
+
+class _Counting(io.BytesIO):
+    read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        self.read_bytes += n
+        return n
