@@ -153,6 +153,16 @@ def test_an_oci_index_lands_with_its_own_digest_and_every_platform(stack, store,
     wait_gone(store, job["id"])  # deleted when its job ended
 
 
+def test_a_single_platform_oci_manifest_keeps_its_digest(stack, directory_store, tmp_path):
+    archive, image = ia.oci_archive(tmp_path / "layout", platforms=("linux/arm64",))
+    assert image.media_type == "application/vnd.oci.image.manifest.v1+json"
+    repository = f"uploads/single-{uuid.uuid4().hex[:8]}"
+    job = directory_store.api.wait(submit(directory_store.api, archive, [{"registry": "local", "repository": repository, "tags": ["v1"]}])["id"])
+    assert job["state"] == "succeeded", job
+    assert stack.registry_digest(stack.registry, repository, "v1") == image.digest == job["targets"][0]["digest"]
+    assert job["archive"]["media_type"] == image.media_type and job["archive"]["platforms"] == []
+
+
 def _docker_save(stack, name: str) -> bytes:
     stack.build_image(name, layers=2, layer_bytes=32 * 1024)
     return b"".join(stack.docker().api.get_image(name))
