@@ -4,6 +4,7 @@ one queued), and the pages as a laptop and a phone show them."""
 
 from __future__ import annotations
 
+import base64
 import sys
 import time
 from pathlib import Path
@@ -62,12 +63,12 @@ def shoot(driver, svc: Service, path: str, name: str, wait=None) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not wait(driver):
             time.sleep(0.05)
-    size = driver.get_window_size()
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(size["width"], min(max(height, size["height"]), 2400))  # the whole page, within reason
-    driver.save_screenshot(str(OUT / f"{name}.png"))
+    # the whole page (within reason), as Chromium lays it out at this width
+    content = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": content["width"], "height": min(content["height"], 2400), "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    (OUT / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
     print(f"docs/console/{name}.png")
-    driver.set_window_size(size["width"], size["height"])
 
 
 def partway(driver) -> bool:

@@ -30,6 +30,8 @@ def chromium(size: tuple[int, int] = LAPTOP) -> Iterator[webdriver.Chrome]:
     for flag in FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
+    if size == PHONE:  # a phone's viewport (a desktop window is never narrower than 500 px)
+        options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": size[0], "height": size[1], "pixelRatio": 2}})
     options.add_argument(f"--window-size={size[0]},{size[1]}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))

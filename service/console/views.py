@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -27,9 +28,11 @@ from ..errors import ImagepubError, NotFound, Unauthorized, ValidationFailed
 from ..http import ctx, load_query
 from ..jobstore import TERMINAL_STATES
 from ..schemas import JobListQuery, PageQuery, field_errors
+from ..views_audit import decision
 from . import numbers, present, security
 from .sessions import Session, Sessions
 
+log = logging.getLogger(__name__)
 console = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
 
 PAGE_SIZE = 25
@@ -87,7 +90,7 @@ def _signed_in() -> Session | None:
 def _require_session():
     if request.endpoint in PUBLIC_ENDPOINTS or _signed_in() is not None:
         return None
-    if not _wants_html():
+    if not _wants_html() or request.method != "GET":
         raise Unauthorized("sign in to the console first")
     if request.method == "GET" and request.headers.get("Sec-Fetch-Site") == "cross-site":
         # A SameSite=Strict cookie stays home when a link from another site is followed: look
@@ -117,6 +120,7 @@ def _wants_html() -> bool:
 def _error_page(exc: ImagepubError):
     """Console pages answer errors as pages (the same status and code); their data endpoints as
     the API does, problem+json."""
+    g.problem_code = exc.code  # for the audit trail's record of a refused cancel
     if not _wants_html():
         resp = problem(exc.status, exc.code, exc.title, exc.message, **({"errors": exc.errors} if getattr(exc, "errors", None) else {}))
         resp.headers.update(getattr(exc, "headers", {}))
@@ -297,8 +301,20 @@ def job_events(job_id: str):
 @console.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str):
     _check_form()
-    job_views.cancel_job(job_id)  # the API's cancel: ownership, outcome, its errors (409 job_finished)
+    g.cancel_answer = job_views.cancel_job(job_id)  # the API's cancel: ownership, outcome, errors (409 job_finished)
     return redirect(url_for("console.job", job_id=job_id), 303)
+
+
+@console.after_request
+def _audit_cancel(response: Response) -> Response:
+    """A cancel through the console is a decision on a submission like one through the API: the
+    audit trail records it the same way (service/views_audit.py), with the API's own answer."""
+    if request.endpoint == "console.cancel":
+        try:
+            ctx()["audit"].record(decision("cancel", g.get("cancel_answer") or response))
+        except Exception:  # the answer stands whatever happens here, as for the API's own hook
+            log.exception("audit entry not recorded for a console cancel")
+    return response
 
 
 # --- the fleet and the registries ----------------------------------------------------------

@@ -128,7 +128,8 @@ def test_pages_need_a_session(web):
     for path in ("/ui/jobs/rows", f"/ui/jobs/{new_job_id()}/state", f"/ui/jobs/{new_job_id()}/events"):
         resp = web.get(path)
         assert resp.status_code == 401 and resp.mimetype == "application/problem+json" and resp.get_json()["code"] == "unauthorized"
-    assert web.post(f"/ui/jobs/{new_job_id()}/cancel").status_code == 303
+    resp = web.post(f"/ui/jobs/{new_job_id()}/cancel")
+    assert resp.status_code == 401 and 'id="error-code">unauthorized<' in resp.get_data(as_text=True)
     # a bearer token is no console session
     assert web.get("/ui/jobs", headers=bearer("admin")).status_code == 303
     assert web.get("/ui").status_code == 303
@@ -421,3 +422,16 @@ def test_an_anonymous_development_server_signs_in_without_a_token(settings, redi
     assert "leave it empty" in web.get("/ui/sign-in").get_data(as_text=True)
     assert sign_in(web, None).status_code == 303
     assert 'id="signed-in-as">anonymous<' in web.get("/ui/jobs").get_data(as_text=True)
+
+
+def test_a_cancel_through_the_console_is_in_the_audit_trail(app, signed_in):
+    """Accepted or refused, as through the API: the client, the job, the outcome and its code."""
+    job = submit(app, "ci")
+    web = signed_in("ci")
+    assert web.post(f"/ui/jobs/{job['id']}/cancel", data={"csrf_token": "forged"}).status_code == 403
+    assert web.post(f"/ui/jobs/{job['id']}/cancel", data={"csrf_token": csrf_of(web)}).status_code == 303
+    assert web.post(f"/ui/jobs/{job['id']}/cancel", data={"csrf_token": csrf_of(web)}).status_code == 409
+    entries = app.test_client().get(f"/v1/audit?action=cancel&job={job['id']}", headers=bearer("admin")).get_json()["entries"]
+    seen = [(e["outcome"], e["code"], e["client"], e["job_id"]) for e in reversed(entries)]
+    assert seen == [("refused", "csrf_failed", "ci", job["id"]), ("accepted", None, "ci", job["id"]),
+                    ("refused", "job_finished", "ci", job["id"])], entries

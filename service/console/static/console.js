@@ -47,7 +47,7 @@
     var td = el("td");
     if (row.state !== "running" && row.state !== "retrying" && row.percent === null) return td;
     var bar = el("progress");
-    bar.setAttribute("aria-label", "progress of job " + row.id.slice(0, 8));
+    bar.setAttribute("aria-label", "progress of job …" + row.id.slice(-12));
     if (row.percent !== null) {
       bar.max = 100;
       bar.value = row.percent;
@@ -62,8 +62,9 @@
 
   function fillRow(tr, row) {
     while (tr.firstChild) tr.removeChild(tr.firstChild);
-    var link = el("a", "job-id", row.id.slice(0, 8) + "…");
+    var link = el("a", "job-id", "…" + row.id.slice(-12)); // a UUIDv7 begins with its time: the end tells jobs apart
     link.href = row.url;
+    link.setAttribute("aria-label", "job " + row.id);
     var first = el("td");
     first.appendChild(link);
     var state = el("td");
@@ -72,7 +73,8 @@
     if (row.waiting_for) { state.appendChild(document.createTextNode(" ")); state.appendChild(el("span", "waiting", row.waiting_for)); }
     var created = el("td");
     created.appendChild(when(row.created_at));
-    [first, el("td", null, row.kind), state, el("td", "what", row.summary), el("td", null, row.client), created, progressCell(row)]
+    created.className = "nowrap";
+    [first, el("td", null, row.kind), state, el("td", "what", row.summary), el("td", "nowrap", row.client), created, progressCell(row)]
       .forEach(function (td) { tr.appendChild(td); });
     tr.setAttribute("data-id", row.id);
     tr.setAttribute("data-sig", JSON.stringify(row));
