@@ -3,8 +3,9 @@
 A service with real API clients (no anonymous access) runs on a Redis database of its own.
 Unique canary secrets are planted — registry passwords, the webhook secret, an API token — jobs
 run through every path that handles them, and then every place a secret could leak is searched:
-log lines, job records and everything else in Redis (Celery messages and their base64 bodies
-included), API responses, every process's argument list, docker config files.
+log lines (the audit logger's included), job records and everything else in Redis (Celery
+messages and their base64 bodies, the audit trail included), API responses (the audit trail's,
+and its export), every process's argument list, docker config files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import requests
 
 from service.auth import hash_token
 from service.jobstore import load_record
-from service_process import Service, base_config
+from service_process import Service, base_config, imagepub_command
 from webhook_receiver import Receiver
 
 CANARY = uuid.uuid4().hex[:12]
@@ -120,8 +121,9 @@ def test_canary_secrets_never_leak(secured, stack, unique, ecr_api):
             {"registry": "wrong-password", "repository": f"canary-{unique}", "tags": ["v2"]}]}),
         api.submit("/v1/publish", {"source": source, "create_repository": True, "targets": [
             {"registry": "ecr", "repository": f"canary-{unique}", "tags": ["v1"]}]}),
-        api.submit("/v1/pull", {"registry": "secure", "repository": f"canary-{unique}", "tag": "v1"}),
     ]
+    api.wait(jobs[0]["id"])  # the pull reads what the first publish pushed (else it may run first)
+    jobs.append(api.submit("/v1/pull", {"registry": "secure", "repository": f"canary-{unique}", "tag": "v1"}))
     states = {}
     for job in jobs:
         states[job["id"]] = api.wait(job["id"])["state"]
@@ -132,6 +134,19 @@ def test_canary_secrets_never_leak(secured, stack, unique, ecr_api):
     for path in ("/v1/jobs", "/v1/registries", "/metrics", f"/v1/registries/ecr/repositories/canary-{unique}/images"):
         responses.append(api.get(path).content)
     responses.append(requests.get(api.base_url + "/v1/jobs", headers={"Authorization": "Bearer " + SECRETS["api token"] + "x"}).content)
+    # The audit trail records refusals (a token that is not one: 401) and every request's id
+    # (here the token, sent where a request id goes, which must not be taken): all searched below.
+    refused = requests.post(api.base_url + "/v1/publish", json={"source": source, "targets": []},
+                            headers={"Authorization": "Bearer " + SECRETS["api token"] + "x"})
+    assert refused.status_code == 401
+    resp = api.post("/v1/pull", json={"registry": "secure", "repository": f"canary-{unique}"}, headers={"X-Request-Id": SECRETS["api token"]})
+    assert resp.status_code == 202 and resp.headers["X-Request-Id"] != SECRETS["api token"]
+    trail = requests.get(api.base_url + "/v1/audit", params={"limit": 1000}, headers={"Authorization": "Bearer imp_fuzz-token"})
+    written = [e for e in trail.json()["entries"] if e["outcome"] == "written"]
+    assert len(written) == 2 and any(e["reason"] == "token_invalid" for e in trail.json()["entries"])  # the search is not vacuous
+    responses.append(trail.content)
+    responses.append(subprocess.run([imagepub_command(), "audit", "export"], env={**os.environ, **secured.env},
+                                    capture_output=True, check=True).stdout)
 
     secured_env = dict(secured.env)
     places: list[tuple[str, bytes]] = []

@@ -437,8 +437,10 @@ def test_bad_parameters_are_422_naming_the_field(auditor, param, value):
     assert [e["field"] for e in body["errors"]] == [param]
 
 
-def test_the_first_cursor_ends(auditor, seeded):
+def test_the_first_and_the_last_possible_cursors(auditor, seeded):
     assert auditor.get("/v1/audit", query_string={"cursor": "0-0"}).get_json() == {"entries": [], "next_cursor": None}
+    last = auditor.get("/v1/audit", query_string={"cursor": "9999999999999999999-9999999999999999999", "limit": 1000})
+    assert [e["seq"] for e in last.get_json()["entries"]] == list(range(30, 0, -1))
 
 
 def test_the_cli_knows_the_same_actions_and_outcomes():
