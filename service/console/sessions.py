@@ -12,7 +12,6 @@ rotated token ends the sessions made with it).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -75,7 +74,3 @@ class Sessions:
 
     def _ttl(self, expires_at: float) -> int:
         return max(1, min(self.settings.session_idle_seconds, int(expires_at - time.time())))
-
-
-def same_token(presented: str, expected: str) -> bool:
-    return hmac.compare_digest(presented.encode(), expected.encode())

@@ -17,7 +17,7 @@ import uuid
 import pytest
 import redis
 import requests
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
@@ -97,7 +97,10 @@ def sign_in(driver, svc: Service, name: str, path: str = "/ui/jobs") -> None:
 
 
 def wait_for(driver, condition, timeout: float = 20):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition())
+    """``condition()`` true within ``timeout``; pages that reload meanwhile (a cancel's redirect,
+    a finished job's page) only make it look again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(lambda d: condition())
 
 
 # --- signing in, seeing a job, signing out ----------------------------------------------------
