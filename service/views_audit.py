@@ -111,8 +111,9 @@ def _places(action: str, body: Any) -> dict[str, Any]:
         return {"registry": request.view_args.get("registry"), "repository": body.get("name")}
     places: dict[str, Any] = {"job_id": body.get("id")}
     asked = body.get("request") or {}
-    if action == "publish":
-        places["source"] = asked.get("source")
+    if action == "publish":  # an image in a daemon, or an uploaded archive (by its sha256)
+        archive = body.get("archive") or {}
+        places["source"] = asked.get("source") or (f"{archive.get('format')} sha256:{archive['sha256']}" if archive.get("sha256") else None)
     if action == "pull":
         places.update(registry=asked.get("registry"), repository=asked.get("repository"), tag=asked.get("tag"),
                       digest=asked.get("digest"))

@@ -233,6 +233,23 @@ def test_accepted_submissions_are_recorded_with_what_they_name(as_client, audito
     assert (got["action"], got["outcome"], got["status"], got["job_id"]) == ("cancel", "accepted", 200, job["id"])
 
 
+def test_an_uploaded_archive_is_recorded_by_its_sha256(settings, redis_client, tmp_path):
+    import image_archives as ia
+    from service.config import Artifacts
+
+    uploads = replace(settings, artifacts=Artifacts(type="directory", path=str(tmp_path / "artifacts")),
+                      limits=replace(settings.limits, max_archive_bytes=256 * 1024))
+    app = create_app(uploads)
+    data, _ = ia.oci_archive(tmp_path / "layout")
+    body, content_type = ia.multipart({"targets": [{"registry": "local", "repository": "team/app", "tags": ["1.0"]}]}, data)
+    client = CheckedClient(app.test_client(), headers={**bearer("ci"), "X-Request-Id": "upload-1"})
+    assert client.post("/v1/publish", data=body, content_type=content_type).status_code == 202
+    reader = CheckedClient(app.test_client(), headers={"Authorization": f"Bearer {AUDITOR}"})
+    got = by_request(reader, "upload-1")
+    assert got["source"] == f"oci-archive sha256:{hashlib.sha256(data).hexdigest()}"
+    assert got["targets"] == [{"registry": "local", "repository": "team/app", "tags": ["1.0"]}]
+
+
 JOB = "0190f2a4-0000-7000-8000-000000000000"
 REFUSALS = [
     # (client, action, path, body, headers, expected status, code, reason)
