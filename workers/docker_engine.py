@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -96,6 +97,22 @@ def _translate_api_error(exc: Exception, not_found: type[errors.ImagepubError], 
     if isinstance(exc, requests.exceptions.Timeout):
         return errors.DaemonUnavailable(f"{what}: the Docker daemon did not answer in time")
     return errors.DaemonUnavailable(f"{what}: cannot reach the Docker daemon ({exc.__class__.__name__})")
+
+
+_STEP = re.compile(r"Step (\d+)/(\d+) : ")
+
+
+def _as_written(line: str, added_steps: int) -> str:
+    """A build log line numbered as the user's Dockerfile is: the legacy builder counts the
+    LABEL step it adds for the build's labels (imagepub's job label) in every ``Step N/M``, so a
+    two-line Dockerfile read ``Step 2/3``; that added step is shown as imagepub's own."""
+    match = _STEP.match(line)
+    if not match or not added_steps:
+        return line
+    number, total = int(match.group(1)), int(match.group(2)) - added_steps
+    if number > total:
+        return "imagepub: " + line[match.end():]
+    return f"Step {number}/{total} : " + line[match.end():]
 
 
 class DockerEngine:
@@ -203,6 +220,7 @@ class DockerEngine:
                 text = line.get("stream") or line.get("status") or ""
                 for part in text.splitlines():
                     if part.strip():
+                        part = _as_written(part, added_steps=1 if labels else 0)
                         on_line(part)
                         if part.startswith("Step "):
                             step = part.strip()

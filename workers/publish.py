@@ -128,7 +128,11 @@ def authorise_source(job: dict[str, Any], settings, image: ImageInfo) -> None:
 
 
 def publish(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
-    image = deps.engine.inspect(job["request"]["source"])
+    source = job["request"]["source"]
+    try:
+        image = deps.engine.inspect(source)
+    except errors.ImageNotFound:  # one sentence, not the daemon's words three times over
+        raise errors.ImageNotFound(f"the Docker daemon {deps.settings.daemon_name} has no image {source}") from None
     authorise_source(job, deps.settings, image)
     job["source_image_id"] = image.id
     push_targets(job, deps, progress, image, prepare_targets(job, deps, progress))

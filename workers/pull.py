@@ -22,7 +22,12 @@ def pull(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
     reference = request.get("digest") or request["tag"]
     job["result"] = {"layers": []}
     on_layer = layer_recorder(job["result"], progress)
-    result = with_fresh_auth(target, lambda auth: deps.engine.pull(repository_ref, reference, auth, on_layer))
+    try:
+        result = with_fresh_auth(target, lambda auth: deps.engine.pull(repository_ref, reference, auth, on_layer))
+    except (errors.ManifestNotFound, errors.ImageNotFound):
+        # the registry has no such tag or digest (or repository): what the caller asked for is not there
+        separator = "@" if reference.startswith("sha256:") else ":"
+        raise errors.ImageNotFound(f"{request['registry']} has no image {request['repository']}{separator}{reference}") from None
     if result.digest is None:
         raise errors.PullFailed(f"pull {repository_ref}: the daemon reported no digest")
     if request.get("digest") and result.digest != request["digest"]:

@@ -45,6 +45,9 @@ def test_build_and_publish_with_two_tags(api, stack, unique):
     assert job["state"] == "succeeded", job
     assert job["kind"] == "build" and job["build"]["image_id"].startswith("sha256:")
     assert any(line.startswith("Step 1/") and line.endswith(": FROM scratch") for line in job["build"]["log"]), job["build"]["log"]
+    steps = [line for line in job["build"]["log"] if line.startswith("Step ")]
+    assert [s.split(" : ")[0] for s in steps] == ["Step 1/4", "Step 2/4", "Step 3/4", "Step 4/4"], job["build"]["log"]
+    assert any(line.startswith("imagepub: LABEL org.imagepub.job=") for line in job["build"]["log"])
     digest = job["targets"][0]["digest"]
     for tag in ("1.0", "latest"):
         assert stack.registry_digest(stack.registry, repository, tag) == digest
@@ -64,7 +67,8 @@ def test_failing_build_names_the_step(api, unique):
     assert resp.status_code == 202, resp.text
     job = api.wait(resp.json()["id"], timeout=120)
     assert job["state"] == "failed" and job["error"]["code"] == "build_failed", job
-    assert re.match(r"Step 3/\d+ : COPY missing.txt /: COPY failed", job["error"]["message"]), job["error"]
+    # numbered as the Dockerfile is (three steps), not with the label step the builder adds
+    assert re.match(r"Step 3/3 : COPY missing.txt /: COPY failed", job["error"]["message"]), job["error"]
     assert job["attempts"] == 1 and job["targets"][0]["references"] == []
     assert any("missing.txt" in line for line in job["build"]["log"])
 

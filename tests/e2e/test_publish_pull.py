@@ -71,6 +71,7 @@ def test_missing_source_fails_image_not_found(api, unique):
     job = api.wait(api.submit("/v1/publish", {"source": f"nothing-here-{unique}:latest", "targets": [{"registry": "local", "repository": "x", "tags": ["t"]}]})["id"])
     assert job["state"] == "failed"
     assert job["error"]["code"] == "image_not_found"
+    assert job["error"]["message"] == f"the Docker daemon default has no image nothing-here-{unique}:latest"  # one sentence
     assert job["attempts"] == 1  # permanent: not retried
 
 
@@ -130,8 +131,16 @@ def test_pull_by_tag_and_by_digest(api, stack, image, unique):
     assert by_digest["result"]["image_id"] == image_id
 
 
-def test_pull_missing_tag_fails(api, unique):
+def test_pull_missing_tag_fails(api, stack, unique):
+    """A tag (or digest) the registry does not have is image_not_found, said once, whether the
+    repository is missing too or only the tag."""
     job = api.wait(api.submit("/v1/pull", {"registry": "local", "repository": f"ghost-{unique}", "tag": "nope"})["id"])
     assert job["state"] == "failed", job
-    assert job["error"]["code"] in {"manifest_not_found", "repository_not_found", "image_not_found"}
+    assert job["error"] == {"code": "image_not_found", "message": f"local has no image ghost-{unique}:nope"}, job
     assert job["attempts"] == 1
+    source = f"there-{unique}:v1"
+    stack.build_image(source, layers=1)
+    assert api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "local", "repository": f"there-{unique}", "tags": ["v1"]}]})["id"])["state"] == "succeeded"
+    for request, shown in (({"tag": "nope"}, ":nope"), ({"digest": "sha256:" + "0" * 64}, "@sha256:" + "0" * 64)):
+        job = api.wait(api.submit("/v1/pull", {"registry": "local", "repository": f"there-{unique}", **request})["id"])
+        assert job["error"] == {"code": "image_not_found", "message": f"local has no image there-{unique}{shown}"}, job
