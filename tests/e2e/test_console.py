@@ -279,3 +279,34 @@ def test_pages_fit_a_phone_and_name_every_control(idle, stack, u):
         phone.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
         assert phone.switch_to.active_element.text == "Skip to content"
         assert csp_violations(phone) == []
+
+
+# --- registries ---------------------------------------------------------------------------------
+
+
+def test_ecr_repositories_their_settings_and_images(console, stack, browser, u):
+    """Repositories a client may use, with their settings; a repository's images as ECR lists
+    them (moto: an image put through the ECR API); another client's repositories are not shown."""
+    import boto3
+
+    mine, theirs = f"team-a/reg-{u}", f"team-b/reg-{u}"
+    created = _as(console.api, "team-a").post("/v1/registries/ecr/repositories",
+                                              json={"name": mine, "image_tag_mutability": "IMMUTABLE", "scan_on_push": True})
+    assert created.status_code == 201, created.text
+    assert _as(console.api, "team-b").post("/v1/registries/ecr/repositories", json={"name": theirs}).status_code == 201
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
+                                      "digest": "sha256:" + "4" * 64}, "layers": []})
+    ecr = boto3.client("ecr", endpoint_url=stack.moto_url, region_name=stack.ecr_region,
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    put = ecr.put_image(repositoryName=mine, imageManifest=manifest, imageTag="1.0")
+    sign_in(browser, console, "team-a", "/ui/registries")
+    browser.find_element(By.LINK_TEXT, "Repositories of ecr").click()
+    rows = {row.find_element(By.TAG_NAME, "th").text: row.text for row in browser.find_elements(By.CSS_SELECTOR, "#repositories tbody tr")}
+    assert mine in rows and "immutable" in rows[mine] and "yes" in rows[mine] and theirs not in rows
+    browser.find_element(By.LINK_TEXT, mine).click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == f"Repository {mine}"
+    images = browser.find_element(By.ID, "images").text
+    assert put["image"]["imageId"]["imageDigest"] in images and "1.0" in images
+    browser.get(console.api.base_url + f"/ui/registries/ecr/repositories/{theirs}")
+    assert browser.find_element(By.ID, "error-code").text == "forbidden"
