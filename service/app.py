@@ -83,6 +83,11 @@ def deployment_spec(settings: Settings) -> dict:
     limits are this deployment's: its counts, and each registry's room for a repository name
     (Docker's 255 characters count the registry's host)."""
     spec = yaml.safe_load(resources.files("service").joinpath("openapi.yaml").read_text())
+    # what a client may check before it sends a large body (the CLI does, for build contexts)
+    spec["info"]["x-imagepub-limits"] = {
+        "max_body_bytes": settings.limits.max_body_bytes, "max_context_bytes": settings.limits.max_context_bytes,
+        "max_archive_bytes": settings.limits.max_archive_bytes,
+    }
     if not settings.registries:
         return spec
     schemas = spec["components"]["schemas"]

@@ -435,6 +435,12 @@ def _build(args: argparse.Namespace) -> int:
     archive, dockerfile = context_archive(args.context, args.file)
     with archive:
         client = _client(args)
+        size, limit = archive.seek(0, os.SEEK_END), client.limits().get("max_context_bytes")
+        archive.seek(0)
+        if limit and size > limit:  # say so now, not after uploading it
+            print(f"error: context_too_large: the build context is {size_text(size)} (gzipped); the server takes at most "
+                  f"{size_text(limit)} (limits.max_context_bytes): leave files out with .dockerignore", file=sys.stderr)
+            return EXIT_REFUSED
         job = client.build(archive, build_request(args, dockerfile), args.idempotency_key)
     return _follow(args, client, job)
 

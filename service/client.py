@@ -153,6 +153,17 @@ class ImagepubClient:
         params = {key: value for key, value in (("reference", reference), ("daemon", daemon)) if value}
         return self._request("GET", "/v1/images", params=params).json()
 
+    def limits(self) -> dict[str, int]:
+        """The server's body limits, as its contract states them (``info.x-imagepub-limits`` of
+        ``/openapi.yaml``); empty when it does not say."""
+        import yaml
+
+        try:
+            spec = yaml.safe_load(self._request("GET", "/openapi.yaml").text)
+            return dict((spec.get("info") or {}).get("x-imagepub-limits") or {})
+        except Exception:  # an older server, or none: it checks the body itself
+            return {}
+
     def daemons(self) -> dict[str, Any]:
         return self._request("GET", "/v1/daemons").json()
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import redis
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .auth import current_client, is_admin, require_repositories, require_scope, require_source
 from .callbacks import CallbackRefused, check_callback_url
@@ -244,6 +245,14 @@ def copy():
     return _submit("copy", data)
 
 
+def _context_too_large(limits) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the build context is larger than limits.max_context_bytes ({limits.max_context_bytes / 2**20:.0f} MiB, "
+        f"{limits.max_context_bytes} bytes): leave files out with .dockerignore, or ask the operator to raise the limit",
+        code="context_too_large",
+    )
+
+
 @jobs.post("/v1/build")
 def build():
     """A build context (tar or tar.gz) and a JSON request, as multipart/form-data."""
@@ -253,7 +262,10 @@ def build():
     request.max_content_length = settings.limits.max_context_bytes + settings.limits.max_body_bytes
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with a `request` (JSON) and a `context` (tar or tar.gz) part")
-    form_request, context = request.form.get("request"), request.files.get("context")
+    try:
+        form_request, context = request.form.get("request"), request.files.get("context")
+    except (PayloadTooLarge, RequestEntityTooLarge):  # the body outgrew the context's limit (and the request's)
+        raise _context_too_large(settings.limits) from None
     if context is None and "context" in request.form:  # a part sent without a filename
         context = io.BytesIO(request.form["context"].encode("utf-8", "surrogateescape"))
     missing = [name for name, part in (("request", form_request), ("context", context)) if part is None]
@@ -263,7 +275,7 @@ def build():
     _check_targets(client, data)
     archive = context.read()
     if len(archive) > settings.limits.max_context_bytes:
-        raise PayloadTooLarge(f"the build context is larger than {settings.limits.max_context_bytes} bytes", code="context_too_large")
+        raise _context_too_large(settings.limits)
     try:
         check_context(archive, data["dockerfile"], settings.limits)
     except ContextRefused as exc:

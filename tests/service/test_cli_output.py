@@ -209,8 +209,9 @@ def test_build_uploads_multipart_request_and_context(api, tmp_path, capsys, monk
     assert (received["filename"], received["mimetype"]) == ("context.tar.gz", "application/gzip")
     # the root Dockerfile is not the one named: .dockerignore leaves it out
     assert received["names"] == [".dockerignore", "app.bin", "ci", "ci/Dockerfile", "src", "src/main.py", "src/notes.log"]
-    assert api.calls[0]["headers"]["Content-Type"].startswith("multipart/form-data; boundary=")
-    assert int(api.calls[0]["headers"]["Content-Length"]) == len(api.calls[0]["body"])
+    upload = next(c for c in api.calls if c["path"] == "/v1/build")  # (after a look at the server's limits)
+    assert upload["headers"]["Content-Type"].startswith("multipart/form-data; boundary=")
+    assert int(upload["headers"]["Content-Length"]) == len(upload["body"])
     assert capsys.readouterr().out == f"2026-11-27T10:00:01Z job {JOB_ID} queued: build → local/team/app:1.0\n"
 
 
@@ -463,3 +464,23 @@ def test_url_and_token_from_the_environment(api, capsys, monkeypatch):
     assert cli.main(["job", JOB_ID]) == cli.EXIT_OK
     assert api.calls[0]["headers"]["Authorization"] == "Bearer from-env"
     assert "from-env" not in capsys.readouterr().out
+
+
+def test_build_says_a_context_is_too_large_before_uploading_it(api, tmp_path, capsys):
+    """The server states its limits in its contract; a context past max_context_bytes is
+    refused by the CLI at once, naming the setting, and never uploaded (issue 17, item 7)."""
+    @api.app.get("/openapi.yaml")
+    def spec():
+        return Response("openapi: 3.1.0\ninfo:\n  title: imagepub\n  x-imagepub-limits: {max_context_bytes: 100000}\n",
+                        mimetype="application/yaml")
+
+    @api.app.post("/v1/build")
+    def build():  # never reached
+        return jsonify({}), 500
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY big /\n")
+    (tmp_path / "big").write_bytes(__import__("os").urandom(200_000))  # incompressible
+    code = run(api, "build", str(tmp_path), "--to", "local/app:1")
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_REFUSED and "context_too_large" in err and "limits.max_context_bytes" in err, err
+    assert [c["path"] for c in api.calls] == ["/openapi.yaml"]

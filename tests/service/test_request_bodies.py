@@ -172,8 +172,10 @@ def test_build_has_its_own_larger_limit_both_ways(client, redis_client):
     assert resp.status_code == 202, resp.get_data(as_text=True)
 
     over = multipart(json.dumps(BUILD), epilogue=b"garbage" * (BUILD_LIMIT // 7))[0]
-    problem(post_streamed(client, "/v1/build", over, content_type), 413, "payload_too_large")
-    problem(client.post("/v1/build", data=over, content_type=content_type), 413, "payload_too_large")
+    # the build's 413 names its limit and the setting (issue 17, item 7)
+    body = problem(post_streamed(client, "/v1/build", over, content_type), 413, "context_too_large")
+    assert "limits.max_context_bytes" in body["detail"]
+    problem(client.post("/v1/build", data=over, content_type=content_type), 413, "context_too_large")
     endless = EndlessBody(within)
-    problem(post_streamed(client, "/v1/build", endless, content_type), 413, "payload_too_large")
+    problem(post_streamed(client, "/v1/build", endless, content_type), 413, "context_too_large")
     assert endless.taken <= BUILD_LIMIT + 1
