@@ -87,7 +87,7 @@ redis.call('HSET', KEYS[2], 'h', prev, 'n', seq, 'id', id)
 local retention = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if retention > 0 and now >= tonumber(head[3] or '0') then
+if retention > 0 and now - retention > 0 and now >= tonumber(head[3] or '0') then
   redis.call('HSET', KEYS[2], 'trim_at', now + tonumber(ARGV[2]))
   -- Only entries that retention removed move the anchor: entries deleted by hand before it
   -- are a gap that verify reports, not a new start.

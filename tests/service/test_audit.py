@@ -5,10 +5,12 @@ the API records for every kind of answer, and GET /v1/audit (scope, filters, pag
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import tarfile
 import threading
 import time
 from dataclasses import replace
@@ -169,6 +171,12 @@ def test_retention_trims_old_entries_and_the_rest_still_verifies(redis_url, redi
     assert not verdict.ok and "were removed" in verdict.problem, verdict
 
 
+def test_a_retention_longer_than_the_epoch_trims_nothing(redis_url, redis_client):
+    long = AuditLog(redis.Redis.from_url(redis_url), retention_seconds=36500 * 86400, check_every_seconds=0)
+    assert [e["seq"] for e in long.record(entry(1))] == [1] and [e["seq"] for e in long.record(entry(2))] == [2]
+    assert long.verify().ok
+
+
 def test_retention_is_its_own_not_the_jobs(settings):
     assert settings.audit.retention_days == 400
     from service.config import parse
@@ -233,6 +241,22 @@ def test_accepted_submissions_are_recorded_with_what_they_name(as_client, audito
     assert (got["action"], got["outcome"], got["status"], got["job_id"]) == ("cancel", "accepted", 200, job["id"])
 
 
+def test_an_accepted_build_is_recorded_with_its_targets(as_client, auditor):
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, data in (("Dockerfile", b"FROM scratch\nCOPY a /a\n"), ("a", b"a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    targets = [{"registry": "local", "repository": "team/built", "tags": ["1"]}]
+    resp = as_client("admin").post("/v1/build", headers={"X-Request-Id": "build-1"}, content_type="multipart/form-data",
+                                   data={"request": json.dumps({"targets": targets}), "context": (io.BytesIO(context.getvalue()), "c.tar")})
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    got = by_request(auditor, "build-1")
+    assert (got["action"], got["outcome"], got["client"], got["job_id"], got["targets"]) == (
+        "build", "accepted", "admin", resp.get_json()["id"], targets)
+
+
 def test_an_uploaded_archive_is_recorded_by_its_sha256(settings, redis_client, tmp_path):
     import image_archives as ia
     from service.config import Artifacts
@@ -269,6 +293,8 @@ REFUSALS = [
     ("reader", "copy", "/v1/copy", {"source": {"registry": "local", "repository": "team/app"}, "targets": []}, {}, 403, "forbidden", None),
     ("ci", "cancel", f"/v1/jobs/{JOB}/cancel", None, {}, 404, "job_not_found", None),
     ("ci", "create_repository", "/v1/registries/prod-ecr/repositories", {"name": "other/app"}, {}, 403, "forbidden", None),
+    ("reader", "build", "/v1/build", GOOD, {}, 403, "forbidden", None),
+    ("ci", "build", "/v1/build", GOOD, {}, 403, "forbidden", None),
 ]
 
 
