@@ -94,6 +94,7 @@ def deployment_spec(settings: Settings) -> dict:
     schemas["PublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["BuildRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["ArchivePublishRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
+    schemas["CopyRequest"]["properties"]["targets"]["maxItems"] = settings.limits.max_targets
     schemas["TargetRequest"]["properties"]["tags"]["maxItems"] = settings.limits.max_tags_per_target
     schemas["RegistryName"]["enum"] = sorted(settings.registries)
     rules = []
@@ -110,7 +111,7 @@ def deployment_spec(settings: Settings) -> dict:
             "if": {"properties": {"registry": {"const": name}}, "required": ["registry"]},
             "then": {"properties": {"repository": repository_room(registry)}},
         })
-    for schema in ("TargetRequest", "PullRequest"):
+    for schema in ("TargetRequest", "PullRequest", "CopySourceRequest"):
         schemas[schema].setdefault("allOf", []).extend(rules)
     return spec
 
