@@ -17,6 +17,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -370,8 +371,10 @@ def _worker_children(stack, name: str) -> set[int]:
     return children | {main}
 
 
-def _sessions(pids: set[int]) -> list[Path]:
-    return [p for p in Path("/tmp").glob("imagepub-copy-*") if int(p.name.split("-")[2]) in pids]
+def _sessions(stack, pids: set[int]) -> list[Path]:
+    """The copy sessions of these processes, in their temporary directory (the stack's TMPDIR)."""
+    base = Path(stack.env().get("TMPDIR") or tempfile.gettempdir())
+    return [p for p in base.glob("imagepub-copy-*") if int(p.name.split("-")[2]) in pids]
 
 
 def _skopeo_commands(pids: set[int]) -> list[list[str]]:
@@ -406,7 +409,7 @@ def test_credentials_stay_in_a_private_file_for_the_job_only(api, stack, slow, s
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and api.get(f"/v1/jobs/{job['id']}").json()["state"] not in {"succeeded", "failed"}:
         seen_commands += _skopeo_commands(pids)
-        for session in _sessions(pids):
+        for session in _sessions(stack, pids):
             with contextlib.suppress(OSError):  # a session may end between listing and reading it
                 seen_files[session] = stat.S_IMODE(session.stat().st_mode)
                 for path in session.glob("auth-*.json"):
@@ -424,7 +427,7 @@ def test_credentials_stay_in_a_private_file_for_the_job_only(api, stack, slow, s
     assert {host for a in auths for host in a["auths"]} == {slow.address, stack.ecr_host}
     assert seen_files and all(mode in (0o700, 0o600) for mode in seen_files.values()), seen_files
     assert all(mode == 0o600 for path, mode in seen_files.items() if str(path).endswith(".json"))
-    assert _sessions(_worker_children(stack, "copier-worker")) == []  # removed with the job
+    assert _sessions(stack, _worker_children(stack, "copier-worker")) == []  # removed with the job
     for secret in secrets + [base64.b64encode(f"{stack.auth_user}:{stack.auth_password}".encode()).decode()]:
         assert secret not in json.dumps(done)
         assert secret not in stack.log("copier-worker") and secret not in stack.log("copier-api")
@@ -445,7 +448,7 @@ def test_a_cancelled_copy_stops_and_leaves_nothing(api, stack, slow_source):
     assert done["state"] == "cancelled", done
     time.sleep(0.5)
     assert _skopeo_commands(_worker_children(stack, "copier-worker")) == []  # stopped, not left running
-    assert _sessions(_worker_children(stack, "copier-worker")) == []
+    assert _sessions(stack, _worker_children(stack, "copier-worker")) == []
     assert stack.registry_tags(stack.registry, f"cancel/app-{u}") == []
 
 
