@@ -113,7 +113,29 @@ def deployment_spec(settings: Settings) -> dict:
         })
     for schema in ("TargetRequest", "PullRequest", "CopySourceRequest"):
         schemas[schema].setdefault("allOf", []).extend(rules)
+    _drop_foreign_examples(spec, set(settings.registries))
     return spec
+
+
+def _drop_foreign_examples(spec: dict, registries: set[str]) -> None:
+    """Request examples that name registries this deployment does not have would be invalid
+    against its own contract (a client, or a fuzzer, would take them for valid requests)."""
+    def names(value):
+        if isinstance(value, dict):
+            yield from ([value["registry"]] if isinstance(value.get("registry"), str) else [])
+            for item in value.values():
+                yield from names(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from names(item)
+
+    for path in spec.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict):
+                continue
+            for media in ((operation.get("requestBody") or {}).get("content") or {}).values():
+                if "example" in media and not set(names(media["example"])) <= registries:
+                    del media["example"]
 
 
 def served_spec(spec: dict, daemons: list[str]) -> bytes:
