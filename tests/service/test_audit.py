@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 
-from clients import TOKENS, bearer
+from clients import bearer
 from helpers import GOOD, CheckedClient, problem
 from service import audit as trail
 from service import cli_audit

@@ -24,7 +24,7 @@ def test_copy_is_stored_then_enqueued_with_its_defaults(client, redis_client):
     }]
     assert "daemon" not in job  # needs none
     assert queued_job_ids(redis_client) == [job["id"]]
-    assert client.get(f"/v1/jobs?kind=copy").get_json()["jobs"][0]["id"] == job["id"]
+    assert client.get("/v1/jobs?kind=copy").get_json()["jobs"][0]["id"] == job["id"]
 
 
 def test_copy_source_defaults_to_latest_and_takes_a_digest(client):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from service import errors
-from workers.skopeo import CopyOutput, Endpoint, Scrubber, Session, Skopeo, SKOPEO_ERRORS
+from workers.skopeo import CopyOutput, Endpoint, Scrubber, Skopeo, SKOPEO_ERRORS
 from workers.registry_errors import classify
 
 A, B, C, D = ("sha256:" + c * 64 for c in "abcd")
