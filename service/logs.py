@@ -110,3 +110,13 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # library warnings become JSON lines too
+    sys.unraisablehook = _log_unraisable  # and errors Python can only report (in __del__, say)
+
+
+def _log_unraisable(unraisable) -> None:
+    """An exception Python cannot raise (one in a finaliser: Celery's AsyncResult.__del__ has
+    been seen) as a JSON line like every other, not as free text on stderr."""
+    logging.getLogger("python.unraisable").warning(
+        "%s in %r", unraisable.err_msg or "Exception ignored", unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback) if unraisable.exc_value else None,
+    )

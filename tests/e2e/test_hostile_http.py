@@ -323,7 +323,8 @@ def test_build_body_over_its_own_limit_is_413(service, framing):
     finally:
         sock.close()
     assert response is not None
-    response.problem("POST", "/v1/build", 413, "payload_too_large")
+    problem = response.problem("POST", "/v1/build", 413, "context_too_large")
+    assert "limits.max_context_bytes" in problem["detail"]  # naming its limit and setting
     assert response.headers["connection"] == "close" and closed
 
 
