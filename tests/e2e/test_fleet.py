@@ -163,6 +163,11 @@ def test_a_killed_worker_of_a_reruns_its_job_on_a_while_b_goes_on(fleet, stack, 
         for i in range(3):
             done = api.wait(publish(api, source_b, f"fleet/kill-b-{unique}", tag=f"t{i}")["id"])
             assert done["state"] == "succeeded" and done["daemon"] == "b"
+        # and daemonless work goes on too: a copy between registries, on the shared queue
+        copied = api.wait(api.submit("/v1/copy", {"source": {"registry": "local", "repository": f"fleet/kill-b-{unique}", "tag": "t0"},
+                                                  "targets": [{"registry": "local", "repository": f"fleet/kill-copy-{unique}", "tags": ["t0"]}]})["id"])
+        assert copied["state"] == "succeeded" and "daemon" not in copied, copied
+        assert stack.registry_digest(stack.registry, f"fleet/kill-copy-{unique}", "t0") == stack.registry_digest(stack.registry, f"fleet/kill-b-{unique}", "t0")
         # the lost job goes back on a's queue (b's supervisor finds it), not to b
         _wait_for(lambda: on_a["id"] in _ids_on(r, "imagepub.daemon.a"), timeout=30)
         time.sleep(2)  # several of b's scans: enqueued once, not at every scan
