@@ -240,7 +240,9 @@ class Platforms(fields.Field):
         return list(dict.fromkeys(value))
 
 
-class CopySourceSchema(_Strict):
+class RegistryImageSchema(_Strict):
+    """An image in a configured registry: a tag (``latest`` when neither is given) or a digest."""
+
     registry = RegistryName()
     repository = Repository()
     tag = Tag()
@@ -266,7 +268,7 @@ class CopySchema(PublishSchema):
         unknown = RAISE
         exclude = ("daemon",)
 
-    source = fields.Nested(CopySourceSchema, required=True)
+    source = fields.Nested(RegistryImageSchema, required=True)
     platforms = Platforms(load_default="all")
     signatures = StrictBoolean(load_default=True)
 
@@ -281,23 +283,10 @@ class CopySchema(PublishSchema):
                 raise ValidationError({str(i): {"tags": [f"{source['tag']!r} is the copy's own source"]}}, "targets")
 
 
-class PullSchema(_Strict):
+class PullSchema(RegistryImageSchema):
+    """A pull: an image in a registry, into a daemon (``daemon``: which one; any by default)."""
+
     daemon = DaemonName()
-    registry = RegistryName()
-    repository = Repository()
-    tag = Tag()
-    digest = fields.String(validate=_matches(DIGEST_RE, "digest: sha256 and 64 lowercase hex digits"))
-
-    @validates_schema(skip_on_field_errors=True)
-    def one_of_tag_or_digest(self, data, **_):
-        if "tag" in data and "digest" in data:
-            raise ValidationError("give a tag or a digest, not both", "digest")
-
-    @post_load
-    def default_tag(self, data, **_):
-        if "tag" not in data and "digest" not in data:
-            data["tag"] = "latest"
-        return data
 
 
 class JobListQuery(_Strict):

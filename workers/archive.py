@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from service import audit, errors
 from service.image_archive import DOCKER_ARCHIVE, INDEX_TYPES
 
-from .copy import Manifest, Source, copy_image, digest_of, registry_sides
+from .copy import Manifest, Source, blob_recorder, copy_image, digest_of, registry_sides
 from .publish import count_layers, prepare_targets
 from .skopeo import Endpoint, Scrubber, Session
 
@@ -198,29 +198,9 @@ def _blobs(layout: Path, manifest: dict[str, Any]) -> dict[str, int]:
 # --- a target -----------------------------------------------------------------------------
 
 
-def _layer_recorder(record: dict[str, Any], progress: "Progress", sizes: dict[str, int]) -> Callable[[str, str, int | None, int | None], None]:
-    """Keeps ``record["layers"]`` current in a push's words; what happened to a blob first
-    stands (two platforms may share one)."""
-    record["layers"] = [{"id": digest, "status": "waiting", "current": None, "total": size} for digest, size in sizes.items()]
-    index = {layer["id"]: layer for layer in record["layers"]}
-
-    def on_blob(digest: str, status: str, current: int | None, total: int | None) -> None:
-        status = PUSH_WORDS.get(status, status)
-        layer = index.get(digest)
-        if layer is None:
-            layer = index[digest] = {"id": digest, "status": status, "current": None, "total": None}
-            record["layers"].append(layer)
-        elif layer["status"] in DONE:
-            return
-        layer.update(status=status, current=current, total=total or layer["total"])
-        progress.save(force=status in DONE)
-
-    return on_blob
-
-
 def _push_target(session: Session, sides, source: Source, record: dict[str, Any], repository_ref: str, progress: "Progress") -> None:
     record["state"] = "pushing"
-    on_blob = _layer_recorder(record, progress, source.sizes)
+    on_blob = blob_recorder(record, progress, source.sizes, words=PUSH_WORDS, final=DONE)
     progress.save()
 
     def destination() -> Endpoint:

@@ -185,21 +185,25 @@ def _blobs(manifest: dict[str, Any]) -> dict[str, int]:
 # --- a target ---------------------------------------------------------------------------------
 
 
-def blob_recorder(record: dict[str, Any], progress: "Progress", sizes: dict[str, int]) -> Callable[[str, str, int | None, int | None], None]:
+def blob_recorder(record: dict[str, Any], progress: "Progress", sizes: dict[str, int], words: dict[str, str] | None = None,
+                  final: frozenset[str] = FINAL) -> Callable[[str, str, int | None, int | None], None]:
     """Keeps ``record["layers"]`` current (every blob of the copy, as a push's layers), starting
-    with each one ``waiting``; what happened to a blob first stands."""
+    with each one ``waiting``; what happened to a blob first stands (two platforms may share
+    one). ``words``: skopeo's outcomes said otherwise (an upload's are a push's); ``final``:
+    the outcomes, in those words."""
     record["layers"] = [{"id": digest, "status": "waiting", "current": None, "total": size} for digest, size in sizes.items()]
     index = {layer["id"]: layer for layer in record["layers"]}
 
     def on_blob(digest: str, status: str, current: int | None, total: int | None) -> None:
+        status = (words or {}).get(status, status)
         layer = index.get(digest)
         if layer is None:
             layer = index[digest] = {"id": digest, "status": status, "current": None, "total": None}
             record["layers"].append(layer)
-        elif layer["status"] in FINAL:
+        elif layer["status"] in final:
             return
         layer.update(status=status, current=current, total=total or layer["total"])
-        progress.save(force=status in FINAL)
+        progress.save(force=status in final)
 
     return on_blob
 
