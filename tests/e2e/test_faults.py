@@ -29,7 +29,6 @@ import time
 import pytest
 import redis
 
-from helpers import parse_sse
 from service_process import Service, base_config
 from slow_proxy import SlowProxy
 from webhook_receiver import Receiver
@@ -128,7 +127,10 @@ class Trial:
             }) + "\n")
 
     def history(self, job_id: str) -> list[dict]:
-        return parse_sse(self.api.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "0-0"}).text)
+        """Every snapshot the job's event stream holds, from Redis itself (a replay over SSE
+        collapses a long history into its latest snapshot: issue 18, item 11)."""
+        stream = redis.Redis.from_url(self.svc.redis_url, decode_responses=True).xrange(f"imagepub:job:{job_id}:events")
+        return [{"id": event_id, "event": fields["type"], "data": json.loads(fields["job"])} for event_id, fields in stream]
 
     def __str__(self) -> str:
         return f"{self.case}: seed {SEED}, points {self.points} (replay with IMAGEPUB_FAULT_SEED={SEED})"
