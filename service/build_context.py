@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import gzip
 import io
-import posixpath
 import zlib
 
 from .config import Limits
-from .tar_headers import Budget, Entry, Source, TarRefused, entries
+from .tar_headers import Budget, Entry, Source, TarRefused, entries, escape, inside
 
 
 class ContextRefused(ValueError):
@@ -41,36 +40,13 @@ HEADER_BYTES_PER_ENTRY = 2048
 PAX_RECORDS_PER_ENTRY = 8
 
 
-def _inside(path: str) -> str | None:
-    """``path`` normalised relative to the context root, or None when it leaves the context."""
-    if path.startswith("/") or "\\" in path:
-        return None
-    parts: list[str] = []
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                return None
-            parts.pop()
-        else:
-            parts.append(part)
-    return "/".join(parts)
-
-
 def _check_entry(entry: Entry, name: str | None) -> None:
-    if name is None:
-        raise ContextRefused(f"entry {entry.name!r} is outside the context")
-    if entry.issym():
-        target = entry.linkname if entry.linkname.startswith("/") else posixpath.join(posixpath.dirname(name), entry.linkname)
-        if entry.linkname.startswith("/") or _inside(target) is None:
-            raise ContextRefused(f"symbolic link {entry.name!r} points outside the context ({entry.linkname!r})")
-    elif entry.islnk():
-        if _inside(entry.linkname) is None:
-            raise ContextRefused(f"hard link {entry.name!r} points outside the context ({entry.linkname!r})")
-    elif entry.isdevice():
+    problem = escape(entry, name, "context")
+    if problem:
+        raise ContextRefused(problem)
+    if entry.isdevice():
         raise ContextRefused(f"entry {entry.name!r} is a device or FIFO")
-    elif not (entry.isfile() or entry.isdir()):
+    if not (entry.isfile() or entry.isdir() or entry.issym() or entry.islnk()):
         raise ContextRefused(f"entry {entry.name!r} has a type the daemon does not unpack ({entry.type!r})")
 
 
@@ -97,7 +73,7 @@ def _refusal(exc: TarRefused, budget: Budget, max_unpacked: int) -> ContextRefus
 def check_context(data: bytes, dockerfile: str, limits: Limits) -> bool:
     """Raise :class:`ContextRefused` unless ``data`` is a safe build context holding
     ``dockerfile``, within ``limits``. Returns True when it is gzip-compressed."""
-    wanted = _inside(dockerfile)
+    wanted = inside(dockerfile)
     if not wanted:
         raise ContextRefused(f"Dockerfile path {dockerfile!r} is outside the context")
     compressed = data[:2] == b"\x1f\x8b"
@@ -110,7 +86,7 @@ def check_context(data: bytes, dockerfile: str, limits: Limits) -> bool:
             first = False
             if entry.isglobal():
                 continue  # a global pax header: the daemon ignores it
-            name = _inside(entry.name)
+            name = inside(entry.name)
             _check_entry(entry, name)
             found = found or (name == wanted and entry.isfile())
         source.drain()

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import posixpath
 import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .build_context import HEADER_BYTES_PER_ENTRY, PAX_RECORDS_PER_ENTRY
-from .tar_headers import Budget, Entry, Source, TarRefused, entries
+from .tar_headers import Budget, Entry, Source, TarRefused, entries, escape, inside
 
 DOCKER_ARCHIVE, OCI_ARCHIVE = "docker-archive", "oci-archive"
 # docker save writes 3 or 4 entries per layer, an OCI layout one per blob: 10,000 is far more
@@ -69,27 +68,11 @@ class _Capturing(Source):
         return len(data) == n
 
 
-def _inside(name: str) -> str | None:
-    """``name`` relative to the archive's root, or None when it leaves it."""
-    if name.startswith("/") or "\\" in name:
-        return None
-    normal = posixpath.normpath(name)
-    if normal == ".." or normal.startswith("../"):
-        return None
-    return "" if normal == "." else normal
-
-
 def _check_entry(entry: Entry, name: str | None) -> None:
-    if name is None:
-        raise ArchiveRefused(f"entry {entry.name!r} is outside the archive")
-    if entry.issym():
-        target = entry.linkname if entry.linkname.startswith("/") else posixpath.join(posixpath.dirname(name), entry.linkname)
-        if entry.linkname.startswith("/") or _inside(target) is None:
-            raise ArchiveRefused(f"symbolic link {entry.name!r} points outside the archive ({entry.linkname!r})")
-    elif entry.islnk():
-        if _inside(entry.linkname) is None:
-            raise ArchiveRefused(f"hard link {entry.name!r} points outside the archive ({entry.linkname!r})")
-    elif not (entry.isfile() or entry.isdir()):
+    problem = escape(entry, name, "archive")
+    if problem:
+        raise ArchiveRefused(problem)
+    if not (entry.isfile() or entry.isdir() or entry.issym() or entry.islnk()):
         raise ArchiveRefused(f"entry {entry.name!r} is neither a file, a directory nor a link")
 
 
@@ -114,7 +97,7 @@ def check_archive(stream: BinaryIO, max_archive_bytes: int) -> ArchiveInfo:
             first = False
             if entry.isglobal():
                 continue
-            name = _inside(entry.name)
+            name = inside(entry.name)
             _check_entry(entry, name)
             names.add(name)
             if name in METADATA and entry.isfile():
@@ -186,6 +169,6 @@ def _check_docker(names: set[str], data: bytes) -> None:
     config, layers = (image.get("Config"), image.get("Layers")) if isinstance(image, dict) else (None, None)
     if not isinstance(config, str) or not isinstance(layers, list) or not all(isinstance(layer, str) for layer in layers):
         raise ArchiveRefused("manifest.json does not name the image's config and layers")
-    missing = [path for path in [config, *layers] if _inside(path) not in names]
+    missing = [path for path in [config, *layers] if inside(path) not in names]
     if missing:
         raise ArchiveRefused(f"manifest.json names {missing[0]!r}, which is not in the archive")

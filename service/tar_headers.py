@@ -16,6 +16,7 @@ writes them into a context.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
@@ -267,3 +268,35 @@ def entries(source: Source, budget: Budget) -> Iterator[Entry]:
         yield entry
         if entry.type not in _HEADER_ONLY_TYPES and not source.skip(-(-entry.size // BLOCK) * BLOCK):
             raise TarRefused(f"it ends inside entry {entry.name!r}")
+
+
+def inside(path: str) -> str | None:
+    """``path`` normalised relative to the archive's root, or None when it leaves it (absolute,
+    a backslash, or ``..`` above the root at any step)."""
+    if path.startswith("/") or "\\" in path:
+        return None
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
+def escape(entry: Entry, name: str | None, what: str) -> str | None:
+    """How ``entry`` (named ``name`` by :func:`inside`) leads out of the ``what`` it is in — its
+    name, or a link pointing outside — or None when it stays inside."""
+    if name is None:
+        return f"entry {entry.name!r} is outside the {what}"
+    if entry.issym():
+        target = entry.linkname if entry.linkname.startswith("/") else posixpath.join(posixpath.dirname(name), entry.linkname)
+        if entry.linkname.startswith("/") or inside(target) is None:
+            return f"symbolic link {entry.name!r} points outside the {what} ({entry.linkname!r})"
+    elif entry.islnk() and inside(entry.linkname) is None:
+        return f"hard link {entry.name!r} points outside the {what} ({entry.linkname!r})"
+    return None
