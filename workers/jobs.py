@@ -127,10 +127,12 @@ class Progress:
             self.job["waiting_for"] = what
             self.save()
             log.info("job waits for %s", what, extra={"job_id": self.job["id"]})
-            while not self.leases.take(key):
-                self.check()
-                time.sleep(LEASE_POLL_SECONDS)
-            self.job.pop("waiting_for", None)
+            try:
+                while not self.leases.take(key):
+                    self.check()
+                    time.sleep(LEASE_POLL_SECONDS)
+            finally:  # taken, or cancelled while waiting: either way no longer waiting
+                self.job.pop("waiting_for", None)
             self.save()
         try:
             yield
@@ -186,6 +188,7 @@ def run(job_id: str, deps: Deps) -> None:
             deps.store.unschedule(job_id)  # due now (or delivered twice): it runs here
         if needs_daemon(job):
             job["daemon"] = deps.settings.daemon_name  # where it ran (a build, a pull: any daemon)
+        job.pop("waiting_for", None)  # what a killed attempt waited for is nothing this one waits for
         _run_locked(job, deps, guard)
     finally:
         guard.release()

@@ -436,5 +436,6 @@ def test_a_waiting_job_shows_it_and_cancels_at_once(faulty, stack, slow, unique)
     assert api.post(f"/v1/jobs/{second['id']}/cancel").status_code == 202
     cancelled = api.wait(second["id"], timeout=10)
     assert cancelled["state"] == "cancelled" and time.monotonic() - asked < 2, cancelled
+    assert "waiting_for" not in cancelled  # it ended: it waits for nothing any more
     assert api.wait(first["id"])["state"] == "succeeded"
     assert stack.registry_digest(stack.registry, repository, "b") is None
