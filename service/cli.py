@@ -345,6 +345,12 @@ def _follow(args: argparse.Namespace, client, job: dict[str, Any]) -> int:
         view.close()
 
 
+def _submission_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What every submission command may add: --create-repository, --callback-url."""
+    return {**({"create_repository": True} if args.create_repository else {}),
+            **({"callback_url": args.callback_url} if args.callback_url else {})}
+
+
 def _publish(args: argparse.Namespace) -> int:
     if args.upload or args.archive is not None:
         return _publish_upload(args)
@@ -354,10 +360,7 @@ def _publish(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"source": args.source, "targets": group_targets(args.to)}
     if args.daemon:
         request["daemon"] = args.daemon
-    if args.create_repository:
-        request["create_repository"] = True
-    if args.callback_url:
-        request["callback_url"] = args.callback_url
+    request.update(_submission_options(args))
     client = _client(args)
     return _follow(args, client, client.publish(request, args.idempotency_key))
 
@@ -373,10 +376,7 @@ def _publish_upload(args: argparse.Namespace) -> int:
               "(- for stdin), not both; --daemon is for an image in imagepub's daemons", file=sys.stderr)
         return EXIT_USAGE
     request: dict[str, Any] = {"targets": group_targets(args.to)}
-    if args.create_repository:
-        request["create_repository"] = True
-    if args.callback_url:
-        request["callback_url"] = args.callback_url
+    request.update(_submission_options(args))
     client = _client(args)
     try:
         with local_archive(args.source, args.archive) as archive:
@@ -405,10 +405,7 @@ def copy_request(args: argparse.Namespace) -> dict[str, Any]:
         request["platforms"] = list(dict.fromkeys(args.platform))
     if args.no_signatures:
         request["signatures"] = False
-    if args.create_repository:
-        request["create_repository"] = True
-    if args.callback_url:
-        request["callback_url"] = args.callback_url
+    request.update(_submission_options(args))
     return request
 
 
@@ -419,10 +416,7 @@ def _copy(args: argparse.Namespace) -> int:
 
 def build_request(args: argparse.Namespace, dockerfile: str) -> dict[str, Any]:
     request: dict[str, Any] = {"targets": group_targets(args.to), "dockerfile": dockerfile, "build_args": dict(args.build_arg)}
-    if args.create_repository:
-        request["create_repository"] = True
-    if args.callback_url:
-        request["callback_url"] = args.callback_url
+    request.update(_submission_options(args))
     return request
 
 
