@@ -19,7 +19,7 @@ from . import config as config_module
 from .config import Settings
 from .errors import ImagepubError
 from .fleet import Fleet
-from .jobstore import JobStore
+from .jobstore import REDIS_OPTIONS, JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
 from .http import BoundedRequest
@@ -207,7 +207,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
             key_func=lambda: getattr(g, "client", ANONYMOUS).name,
             app=app,
             storage_uri=settings.redis_url,
-            storage_options={"health_check_interval": 30},
+            storage_options=REDIS_OPTIONS,
             strategy="moving-window",
             headers_enabled=True,
             swallow_errors=True,  # Redis trouble must not turn every request into a 500

@@ -45,6 +45,7 @@ import redis
 
 from . import audit_lua
 from .errors import ImagepubError
+from .jobstore import REDIS_OPTIONS
 
 log = logging.getLogger(__name__)
 # The trail's own logger: every entry as one JSON line for a log shipper to keep. Not a debug
@@ -196,7 +197,7 @@ class AuditLog:
 
     @classmethod
     def from_config(cls, settings, prefix: str = "imagepub:") -> "AuditLog":
-        client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        client = redis.Redis.from_url(settings.redis_url, **REDIS_OPTIONS)
         return cls(client, prefix, retention_seconds=settings.audit.retention_days * 86400)
 
     # --- writing ---

@@ -46,3 +46,11 @@ logconfig_dict = {
     "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
                 "gunicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
 }
+
+
+def worker_abort(worker):
+    """A worker the arbiter aborts (its event loop stuck for ``timeout`` seconds) says first
+    what every greenlet was doing, in one log line: the stuck one names the cause."""
+    from gevent.util import format_run_info  # noqa: PLC0415 - gevent is the worker's, not the arbiter's
+
+    worker.log.critical("worker %s stuck for %s s; its greenlets:\n%s", worker.pid, worker.timeout, "\n".join(format_run_info()))

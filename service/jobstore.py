@@ -221,6 +221,12 @@ def load_record(raw: str) -> dict[str, Any]:
     return json.loads(raw)
 
 
+# Every wait on Redis is bounded: a connect within 5 s, a reply within 30 s (the longest blocking
+# read, an event stream's XREAD, waits 15 s), so a Redis that hangs (a full disk, a shutdown in
+# progress, a half-open connection) fails a request with 503 instead of holding it for ever.
+REDIS_OPTIONS = {"health_check_interval": 30, "socket_connect_timeout": 5, "socket_timeout": 30, "socket_keepalive": True}
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "imagepub:", *, retention_seconds: int = 7 * 86400):
         self.redis = client
@@ -236,7 +242,7 @@ class JobStore:
 
     @classmethod
     def from_config(cls, settings) -> "JobStore":
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, **REDIS_OPTIONS)
         return cls(client, retention_seconds=settings.retention_seconds)
 
     # --- keys ---
