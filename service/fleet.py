@@ -36,6 +36,9 @@ from .queue import daemon_queue
 DEFAULT_DAEMON = "default"
 # Workers and daemons not heard of for this long are forgotten.
 FORGET_AFTER = 24 * 3600
+# How old a view of the workers may be when it only explains a wait (`waiting_for` of a queued
+# job read by GET /v1/jobs/{id}): placement and the fleet endpoints always read afresh.
+VIEW_SECONDS = 1.0
 # A daemon's index is rewritten at least this often, whatever its events say.
 INDEX_MAX_AGE = 30.0
 
@@ -82,6 +85,7 @@ def _iso(epoch: float | None) -> str | None:
 class Fleet:
     def __init__(self, client: redis.Redis, prefix: str = "imagepub:"):
         self.redis, self.prefix = client, prefix
+        self._seen: tuple[float, list[dict[str, Any]]] = (-VIEW_SECONDS, [])  # the last read's workers
 
     # --- keys ---
 
@@ -150,32 +154,49 @@ class Fleet:
         raw = self.redis.hget(self._daemons, daemon)
         return json.loads(raw) if raw else None
 
-    def workers(self) -> list[dict[str, Any]]:
+    def _read(self) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """The live workers and the daemon records, in one round trip; entries silent for a
+        day are forgotten on the way."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._workers)
+        pipe.hgetall(self._daemons)
+        raw_workers, raw_daemons = pipe.execute()
         now = time.time()
-        found = []
-        for worker, raw in self.redis.hgetall(self._workers).items():
+        workers, stale_workers = [], []
+        for worker, raw in raw_workers.items():
             info = json.loads(raw)
             age = now - info.get("heartbeat_at", 0)
             if age > FORGET_AFTER:
-                self.redis.hdel(self._workers, worker)
-                continue
-            found.append({**info, "alive": age <= WORKER_HEARTBEAT_MAX_AGE})
-        return sorted(found, key=lambda w: w["worker"])
+                stale_workers.append(worker)
+            else:
+                workers.append({**info, "alive": age <= WORKER_HEARTBEAT_MAX_AGE})
+        records, stale_daemons = {}, []
+        for name, raw in raw_daemons.items():
+            record = json.loads(raw)
+            if now - record.get("seen_at", now) > FORGET_AFTER:
+                stale_daemons.append(name)
+            else:
+                records[name] = record
+        if stale_workers:
+            self.redis.hdel(self._workers, *stale_workers)
+        if stale_daemons:
+            self.redis.hdel(self._daemons, *stale_daemons)
+        self._seen = (time.monotonic(), workers)
+        return sorted(workers, key=lambda w: w["worker"]), records
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._read()[0]
 
     def daemons(self) -> list[Daemon]:
         """Every daemon a worker served in the last day, with its live workers and queue depth."""
-        workers = self.workers()
-        records = {name: json.loads(raw) for name, raw in self.redis.hgetall(self._daemons).items()}
-        now = time.time()
-        for name, record in list(records.items()):
-            if now - record.get("seen_at", now) > FORGET_AFTER:
-                self.redis.hdel(self._daemons, name)
-                del records[name]
+        workers, records = self._read()
         names = sorted(records)
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.llen(daemon_queue(name))
-        depths = pipe.execute()
+        depths: list[int] = []
+        if names:
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.llen(daemon_queue(name))
+            depths = pipe.execute()
         found = []
         for name, depth in zip(names, depths):
             own = [w for w in workers if w.get("daemon") == name]
@@ -289,7 +310,10 @@ class Fleet:
     def why_waiting(self, daemon: str) -> str | None:
         """Why a job queued for ``daemon`` is not running, when the reason is that no worker
         of the daemon is alive."""
-        if any(w.get("daemon") == daemon and w["alive"] for w in self.workers()):
+        read_at, workers = self._seen
+        if time.monotonic() - read_at > VIEW_SECONDS:  # a note for the reader: a second-old view will do
+            workers = self.workers()
+        if any(w.get("daemon") == daemon and w["alive"] for w in workers):
             return None
         return f"daemon {daemon} has no worker"
 

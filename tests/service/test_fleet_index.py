@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.errors import Conflict, ValidationFailed
-from service.fleet import Fleet, matches_reference
+from service.fleet import VIEW_SECONDS, Fleet, matches_reference
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
@@ -78,6 +78,10 @@ def test_daemons_and_waiting(fleet, redis_client):
     assert set(daemons) == {"a", "b"} and all(d.up for d in daemons.values())
     assert fleet.why_waiting("a") is None
     fleet.unregister("worker-a")
+    # the reason a queued job waits is read from a view at most VIEW_SECONDS old
+    assert fleet.why_waiting("a") is None
+    read_at, workers = fleet._seen
+    fleet._seen = (read_at - VIEW_SECONDS, workers)  # as a second later
     assert fleet.why_waiting("a") == "daemon a has no worker"
     assert {d.name: d.up for d in fleet.daemons()} == {"a": False, "b": True}
 
