@@ -39,13 +39,13 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import redis
 
 from . import audit_lua
 from .errors import ImagepubError
-from .jobstore import REDIS_OPTIONS
+from .jobstore import CREATE, REDIS_OPTIONS
 
 log = logging.getLogger(__name__)
 # The trail's own logger: every entry as one JSON line for a log shipper to keep. Not a debug
@@ -194,6 +194,7 @@ class AuditLog:
         self.retention_ms = int(retention_seconds * 1000)
         self.check_every_ms = int(check_every_seconds * 1000)
         self._append = client.register_script(audit_lua.APPEND)
+        self._create_and_append = client.register_script(audit_lua.create_and_append(CREATE))
 
     @classmethod
     def from_config(cls, settings, prefix: str = "imagepub:") -> "AuditLog":
@@ -206,10 +207,7 @@ class AuditLog:
         """Append ``entries`` (in one step) and log each; what was appended, as shown. Redis
         trouble is logged, never raised: the caller's request or job goes on, and the log line
         (``"stored": false``) still carries the entry."""
-        bodies = [encode(entry) for entry in entries]
-        args: list[Any] = [self.retention_ms, self.check_every_ms]
-        for body in bodies:
-            args += [body, hashlib.sha256(body).digest()]
+        bodies, args = self._arguments(entries)
         try:
             flat = self._append(keys=[self.key, self.head_key, self.anchor_key], args=args)
         except redis.RedisError as exc:
@@ -217,6 +215,30 @@ class AuditLog:
             for entry in entries:
                 trail.info("audit", extra={"audit": {**{name: entry.get(name) for name in _SHORT}, "stored": False}})
             return []
+        return self._appended(bodies, flat)
+
+    def create_job(self, store, entry: dict[str, Any], **create: Any) -> str | None:
+        """``store.create(**create)`` and, when it stored the job, the ``entry`` that records
+        its acceptance, in one script (one round trip: see audit_lua.create_and_append). The
+        stored record, or None as ``create`` answers. Redis trouble is raised: nothing was
+        written, and the request is refused (its refusal is recorded as any other)."""
+        keys, args, record = store.create_call(**create)
+        bodies, audit_args = self._arguments((entry,))
+        flat = self._create_and_append(keys=[*keys, self.key, self.head_key, self.anchor_key],
+                                       args=[len(keys), len(args), *args, *audit_args])
+        if not flat:
+            return None
+        self._appended(bodies, flat)
+        return record
+
+    def _arguments(self, entries: Iterable[dict[str, Any]]) -> tuple[list[bytes], list[Any]]:
+        bodies = [encode(entry) for entry in entries]
+        args: list[Any] = [self.retention_ms, self.check_every_ms]
+        for body in bodies:
+            args += [body, hashlib.sha256(body).digest()]
+        return bodies, args
+
+    def _appended(self, bodies: list[bytes], flat: list[Any]) -> list[dict[str, Any]]:
         out = []
         for i, body in enumerate(bodies):
             entry_id, seq, prev, hash_ = flat[4 * i: 4 * i + 4]

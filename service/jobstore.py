@@ -98,7 +98,7 @@ return 1
 # done (0) when the key's claim lapsed and another request bound it meanwhile. One command: the record, its indexes, its first
 # event, the submission counter, the Celery message and the idempotency key's binding for the
 # retention period, together or not at all.
-_CREATE = """
+CREATE = """
 if ARGV[5] ~= '' then
   local bound = redis.call('GET', KEYS[4])
   if bound and bound ~= ARGV[6] then return 0 end
@@ -236,7 +236,7 @@ class JobStore:
         self._binary_client: redis.Redis | None = None
         self._depth, self._depth_read_at = 0, float("-inf")
         self._save = client.register_script(_SAVE)
-        self._create = client.register_script(_CREATE)
+        self._create = client.register_script(CREATE)
         self._claim_webhooks = client.register_script(_CLAIM_WEBHOOKS)
         self._settle_webhook = client.register_script(_SETTLE_WEBHOOK)
 
@@ -301,16 +301,21 @@ class JobStore:
         moment by ``claim_idempotency_key``) binds it with ``idempotency`` = (request hash,
         lifetime in seconds). Returns the stored JSON; None (nothing stored) when the claim had
         lapsed and another request holds the key now."""
+        keys, args, record = self.create_call(job, message, idempotency, queue)
+        return record if self._create(keys=keys, args=args) == 1 else None
+
+    def create_call(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None,
+                    queue: str = JOBS_QUEUE) -> tuple[list[str], list[str], str]:
+        """The keys and arguments of ``CREATE`` for :meth:`create` (and for the audit trail's
+        create-and-record script, service/audit.py), and the record it stores."""
         record = _dumps(job)
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else None
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
-        done = self._create(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
-                  *self._indexes(job)],
-            args=[record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
-                  str(ttl), f"{job['id']} {request_hash}"],
-        )
-        return record if done == 1 else None
+        keys = [self._job_key(job["id"]), self._events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
+                *self._indexes(job)]
+        args = [record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
+                str(ttl), f"{job['id']} {request_hash}"]
+        return keys, args, record
 
     def _count_finished(self, job: dict[str, Any], pipe=None) -> None:
         own = pipe is None

@@ -12,7 +12,7 @@ import time
 from typing import Any, Iterator
 
 import redis
-from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, g, jsonify, request, stream_with_context, url_for
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -28,6 +28,7 @@ from .routing import queue_for
 from .jobstore import TERMINAL_STATES, epoch, is_job_id
 from .schemas import ArchivePublishSchema, BuildSchema, CopySchema, JobListQuery, repository_in
 from .uploads import archive_too_large, receive_archive
+from .views_audit import accepted_job
 
 log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__)
@@ -163,8 +164,11 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
     try:
         # the key's binding outlives the job's retention; shortened to it when the job ends
         route = queue_for(job)
-        record = store.create(job, message=queue.message(job["id"], route), queue=route,
-                              idempotency=(request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None)
+        create = {"job": job, "message": queue.message(job["id"], route), "queue": route,
+                  "idempotency": (request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None}
+        # the job and the audit entry of its acceptance: one script, together or not at all
+        entry = accepted_job(job)
+        record = ctx()["audit"].create_job(store, entry, **create) if entry is not None else store.create(**create)
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
@@ -175,6 +179,7 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
             pass
         raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
     if record is None:  # our claim of the key lapsed and another request took it: that one stands
+        g.pop("audit_decided", None)  # nothing recorded: this request's answer is, after it
         bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
         return _replay(store, *bound, request_hash) if bound else _store_job(kind, normalized, daemon, upload)
     log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})

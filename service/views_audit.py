@@ -160,10 +160,24 @@ _SCHEMAS = {
 }
 
 
-def decision(action: str, response: Response) -> dict[str, Any]:
+def _entry(action: str, status: int) -> dict[str, Any]:
     client = g.get("client")
-    entry: dict[str, Any] = {"action": action, "client": client.name if client else None,
-                             "request_id": g.get("request_id"), "status": response.status_code}
+    return {"action": action, "client": client.name if client else None, "request_id": g.get("request_id"), "status": status}
+
+
+def accepted_job(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry that records this request's submission accepted as ``job`` (what its 202
+    answers), written with the job itself (AuditLog.create_job); None when this endpoint's
+    decisions are not recorded. The request's own decision is then not recorded again."""
+    action = SUBMISSIONS.get(request.endpoint or "")
+    if action is None:
+        return None
+    g.audit_decided = True
+    return {**_entry(action, 202), "outcome": "accepted", **_places(action, job)}
+
+
+def decision(action: str, response: Response) -> dict[str, Any]:
+    entry = _entry(action, response.status_code)
     if response.status_code < 400:
         entry["outcome"] = "accepted"
         entry.update(_places(action, response.get_json(silent=True)))
@@ -183,7 +197,7 @@ def install(app: Flask) -> None:
     @app.after_request
     def _record_decision(response: Response) -> Response:
         action = SUBMISSIONS.get(request.endpoint or "")
-        if action is None or request.method != "POST":
+        if action is None or request.method != "POST" or (g.get("audit_decided") and response.status_code == 202):
             return response
         try:
             ctx()["audit"].record(decision(action, response))

@@ -365,14 +365,36 @@ def test_every_answer_has_a_request_id(as_client):
 
 
 def test_the_trail_survives_a_failure_to_record(app, as_client, monkeypatch, caplog):
+    """A decision that could not be stored (a refusal here) is still answered and still logged."""
     def refuse(*_, **__):
         raise redis.exceptions.ConnectionError("gone")
 
     monkeypatch.setattr(app.extensions["imagepub"]["audit"], "_append", refuse)
     with caplog.at_level(logging.INFO):
-        assert as_client("ci").post("/v1/publish", json=GOOD, headers={"X-Request-Id": "unstored"}).status_code == 202
+        problem(as_client("ci").post("/v1/publish", json={**GOOD, "source": ""}, headers={"X-Request-Id": "unstored"}), 422, "validation_failed")
     lines = [r.audit for r in caplog.records if r.name == "audit"]
     assert lines and lines[-1]["request_id"] == "unstored" and lines[-1]["stored"] is False
+
+
+def test_no_job_is_accepted_without_its_entry(app, as_client, monkeypatch):
+    """The job and the entry of its acceptance are one script: when it fails, neither is
+    written, the request is refused, and the refusal is what the trail records."""
+    trail_log = app.extensions["imagepub"]["audit"]
+    real = trail_log._create_and_append
+
+    def refuse(*_, **__):
+        raise redis.exceptions.ConnectionError("gone")
+
+    monkeypatch.setattr(trail_log, "_create_and_append", refuse)
+    problem(as_client("ci").post("/v1/publish", json=GOOD, headers={"X-Request-Id": "not-created"}), 503, "queue_unavailable")
+    entries = [e for e in trail_log.page(trail.Query())[0] if e["request_id"] == "not-created"]
+    assert [(e["outcome"], e["code"]) for e in entries] == [("refused", "queue_unavailable")]
+    assert not as_client("ci").get("/v1/jobs").get_json()["jobs"]
+
+    monkeypatch.setattr(trail_log, "_create_and_append", real)
+    job = as_client("ci").post("/v1/publish", json=GOOD, headers={"X-Request-Id": "created"}).get_json()
+    entries = [e for e in trail_log.page(trail.Query())[0] if e["request_id"] == "created"]
+    assert [(e["outcome"], e["job_id"], e["status"]) for e in entries] == [("accepted", job["id"], 202)]
 
 
 # --- GET /v1/audit ----------------------------------------------------------------------------

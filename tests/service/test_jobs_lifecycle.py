@@ -48,7 +48,7 @@ def test_an_idempotency_key_claimed_by_a_request_that_died_lapses(app, client, r
     def dies(*_, **__):
         raise ProcessDied()
 
-    monkeypatch.setattr(store, "create", dies)
+    monkeypatch.setattr(store, "create_call", dies)  # what storing the job (and its audit entry) starts with
     with pytest.raises(ProcessDied):
         client.post("/v1/publish", json=GOOD, headers={"Idempotency-Key": "died-1"})
     monkeypatch.undo()
