@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from service import audit, errors
@@ -10,6 +11,7 @@ from service.access import client_named, may_publish_image
 
 from .docker_engine import DockerEngine, ImageInfo
 from .registries import Target
+from .registry_http import ManifestHead, Unreachable
 
 if TYPE_CHECKING:
     from .deps import Deps
@@ -32,6 +34,35 @@ def with_fresh_auth(target: Target, call: Callable[[dict[str, str]], T]) -> T:
             return call(target.auth_config())
         except errors.TokenRejected as second:
             raise errors.AuthFailed(f"the registry refused a freshly fetched token: {second.message}") from None
+
+
+# A registry the worker could not reach itself is asked through the daemon for this long.
+DAEMON_ROUTE_SECONDS = 300.0
+_heads: dict[tuple[str, str], ManifestHead] = {}
+_daemon_route_until: dict[tuple[str, str], float] = {}
+
+
+def served_digest(engine: DockerEngine, target: Target, repository_ref: str, tag: str) -> str:
+    """The digest the registry serves for ``repository_ref:tag``: one HEAD from this worker
+    (workers/registry_http.py), or through the daemon when this worker cannot reach the
+    registry the daemon pushed to."""
+    host = target.host()
+    key = (target.name, host)
+    if time.monotonic() >= _daemon_route_until.get(key, 0.0):
+        head = _heads.get(key)
+        if head is None:
+            config = target.config
+            head = _heads[key] = ManifestHead(host, verify=config.ca_file or config.tls_verify, plain_http_allowed=config.insecure)
+        repository = repository_ref[len(host) + 1:]
+        if host == "docker.io" and "/" not in repository:
+            repository = f"library/{repository}"
+        try:
+            return with_fresh_auth(target, lambda auth: head.digest(repository, tag, auth))
+        except Unreachable as exc:
+            log.warning("registry %s: this worker cannot reach it itself (%s); verifying pushes through the daemon for %.0f s",
+                        target.name, exc, DAEMON_ROUTE_SECONDS)
+            _daemon_route_until[key] = time.monotonic() + DAEMON_ROUTE_SECONDS
+    return with_fresh_auth(target, lambda auth: engine.registry_digest(f"{repository_ref}:{tag}", auth))
 
 
 def layer_recorder(record: dict[str, Any], progress: "Progress") -> Callable[[str, str, int | None, int | None], None]:
@@ -102,7 +133,7 @@ def _push_tag(engine: DockerEngine, target: Target, image: ImageInfo, repository
         pushed = engine.inspect(image.id)
         if not any(f"{name}@{result.digest}" in pushed.repo_digests for name in _familiar(repository_ref)):
             raise errors.PushFailed(f"{reference}: the daemon did not record {result.digest} for the source image")
-        served = with_fresh_auth(target, lambda auth: engine.registry_digest(reference, auth))
+        served = served_digest(engine, target, repository_ref, tag)
         if served != result.digest:
             raise errors.PushFailed(f"{reference}: the registry serves {served}, the push reported {result.digest}")
         return result.digest

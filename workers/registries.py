@@ -17,6 +17,7 @@ DOCKER_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "reg
 
 class Target(Protocol):
     name: str
+    config: Registry  # its configuration (TLS for daemonless clients among it)
 
     def host(self) -> str:
         """The registry part of image references, e.g. ``localhost:5000`` or ``docker.io``."""

@@ -235,3 +235,21 @@ def test_token_refused_even_when_fresh_fails_auth(api, image, unique, ecr_api, e
     job = api.wait(api.submit("/v1/publish", {"source": source, "targets": [{"registry": "ecr", "repository": repository, "tags": ["v1"]}]})["id"])
     assert job["state"] == "failed" and job["error"]["code"] == "auth_failed", job
     assert ecr_api.calls["GetAuthorizationToken"] == 2
+
+
+def test_a_tag_the_registry_serves_with_another_digest_fails_the_push(api, image, unique, ecr_registry):
+    """The push is verified by what the registry answers for the tag afterwards (a HEAD of its
+    manifest, by the worker or through the daemon): an answer naming another digest than the
+    push reported fails the job, whatever the push said."""
+    source, _ = image
+    repository = f"verified-{unique}"
+    other = "sha256:" + "0" * 64
+    ecr_registry.fail("HEAD", rf"^/v2/{repository}/manifests/v1$", 200, b"", times=10,
+                      headers={"Docker-Content-Digest": other, "Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+    job = api.wait(api.submit("/v1/publish", {"source": source, "create_repository": True,
+                                              "targets": [{"registry": "ecr", "repository": repository, "tags": ["v1"]}]})["id"])
+    assert job["state"] == "failed", job
+    # the worker compares the digests (push_failed, naming both); through the daemon, the daemon
+    # looks the named manifest up first and finds none (manifest_not_found): failed either way
+    assert (job["error"]["code"], other in job["error"]["message"]) in {("push_failed", True), ("manifest_not_found", False)}, job["error"]
+    assert ("HEAD", f"/v2/{repository}/manifests/v1", 200) in ecr_registry.requests()
