@@ -6,11 +6,15 @@ import functools
 import logging
 import threading
 
+from typing import Any
+
+import orjson
 import redis
 import yaml
 from importlib import resources
 
 from flask import Flask, Response, g, json, request
+from flask.json.provider import DefaultJSONProvider
 from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 
@@ -147,13 +151,30 @@ def served_spec(spec: dict, daemons: list[str]) -> bytes:
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode()
 
 
+class OrjsonProvider(DefaultJSONProvider):
+    """Flask's JSON responses written by orjson (bytes straight into the response, several
+    times faster than the standard library for a job record), keys in the order given. Types
+    orjson does not write itself (dates among them: OPT_PASSTHROUGH_DATETIME) go to Flask's
+    own default, so every answer reads as it did."""
+
+    sort_keys = False
+    _OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, default=self.default, option=self._OPTIONS & ~orjson.OPT_APPEND_NEWLINE).decode()
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        return self._app.response_class(orjson.dumps(obj, default=self.default, option=self._OPTIONS), mimetype=self.mimetype)
+
+
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, queue: JobQueue | None = None) -> Flask:
     settings = settings or config_module.load()
     queue = queue or JobQueue.from_config(settings)
     app = Flask(__name__)
     app.request_class = BoundedRequest  # bodies refused past the limit however framed (chunked too)
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
-    app.json.sort_keys = False
+    app.json = OrjsonProvider(app)
     store = store or JobStore.from_config(settings)
     control = RegistryControl(queue.celery)
     app.extensions["imagepub"] = {

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import time
 import uuid
@@ -42,6 +41,7 @@ import zlib
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import redis
 
 from .metrics import KEY as METRICS_KEY
@@ -177,7 +177,7 @@ def epoch(timestamp: str | None) -> float | None:
 
 
 def _dumps(job: dict[str, Any]) -> str:
-    return json.dumps(job, separators=(",", ":"))
+    return orjson.dumps(job).decode()  # compact, as json.dumps with separators=(",", ":"), and faster
 
 
 # The preset dictionary of compact records, version 1: what every record repeats (field names,
@@ -217,8 +217,8 @@ def load_record(raw: str) -> dict[str, Any]:
     """A stored record, whichever form it is in."""
     if raw.startswith(_COMPACT_V1):
         inflate = zlib.decompressobj(-15, zdict=_ZDICT_V1)
-        return json.loads(inflate.decompress(base64.b64decode(raw[len(_COMPACT_V1):])) + inflate.flush())
-    return json.loads(raw)
+        return orjson.loads(inflate.decompress(base64.b64decode(raw[len(_COMPACT_V1):])) + inflate.flush())
+    return orjson.loads(raw)
 
 
 # Every wait on Redis is bounded: a connect within 5 s, a reply within 30 s (the longest blocking

@@ -14,7 +14,7 @@ import threading
 import time
 
 from flask import g, has_request_context
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter as JsonFormatter
 
 _secrets: set[str] = set()
 _lock = threading.Lock()
