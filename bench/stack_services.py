@@ -129,28 +129,41 @@ class Imagepub:
 
 
 class Hello:
-    """The baseline: bench/hello.py under gunicorn, same worker number, class and connections."""
+    """The baseline: bench/hello.py under gunicorn with as many workers as ``imagepub serve``;
+    by default with its worker class and connections, or with another class (``gthread``, its
+    threads) so that the faster of the two is the baseline."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, worker_class: str | None = None, threads: int = 4):
         self.stack = stack
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = gunicorn_defaults()
+        self.worker_class = worker_class or self.settings["worker_class"]
+        self.threads = threads
+        self.name = "hello" if worker_class is None else f"hello-{worker_class}"
+
+    @property
+    def description(self) -> str:
+        if self.worker_class == "gthread":
+            return f"{self.settings['workers']} × gthread workers, {self.threads} threads each"
+        return f"{self.settings['workers']} × {self.worker_class} workers, {self.settings['worker_connections']} connections each"
 
     def start(self) -> "Hello":
         s = self.settings
-        self.stack.spawn("hello", [sys.executable, "-m", "gunicorn", "--chdir", str(REPO), "--worker-class", s["worker_class"],
-                                   "--workers", str(s["workers"]), "--worker-connections", str(s["worker_connections"]), "--no-control-socket",
-                                   "--bind", f"127.0.0.1:{self.port}", "bench.hello:app"])
-        _wait_http(self.url + "/", "hello-world gunicorn", self.stack, "hello")
+        shape = (["--threads", str(self.threads)] if self.worker_class == "gthread"
+                 else ["--worker-connections", str(s["worker_connections"])])
+        self.stack.spawn(self.name, [sys.executable, "-m", "gunicorn", "--chdir", str(REPO), "--worker-class", self.worker_class,
+                                     "--workers", str(s["workers"]), *shape, "--no-control-socket",
+                                     "--bind", f"127.0.0.1:{self.port}", "bench.hello:app"])
+        _wait_http(self.url + "/", f"hello-world gunicorn ({self.worker_class})", self.stack, self.name)
         return self
 
     @property
     def pid(self) -> int:
-        return self.stack.proc("hello").pid
+        return self.stack.proc(self.name).pid
 
     def stop(self) -> None:
-        self.stack.stop("hello")
+        self.stack.stop(self.name)
 
 
 # --- writing finished jobs straight into the store ------------------------------------------------

@@ -114,10 +114,11 @@ class Limits:
     # tree, and a context near 50 MiB with more files than that is rare (node_modules belongs
     # in .dockerignore). Raise it for contexts of many small files.
     max_context_entries: int = 10_000
-    # Live event streams one API process serves at once. Each holds a greenlet and a Redis
-    # connection for as long as the job runs (the gevent worker: 1,000 connections a process);
-    # followers beyond it get 503 and poll (the CLI does so by itself).
-    event_streams_per_process: int = 2
+    # Live event streams one API process serves at once. Each holds a greenlet, a socket and a
+    # Redis connection (blocked in XREAD) for as long as the job runs, about 100 KiB of the
+    # process (docs/benchmarks.md, "A thousand followers"); the default is the gevent worker's
+    # connections per process. Followers beyond it get 503 and poll (the CLI does so by itself).
+    event_streams_per_process: int = 1000
     # An uploaded image archive (POST /v1/publish, multipart). S3 takes at most 5 GiB in one PUT,
     # the way the API hands an archive to an s3 artifact store (README, Design): the bound.
     max_archive_bytes: int = 2 * 1024**3
@@ -355,7 +356,7 @@ class _LimitsSchema(Schema):
     default_rate_limit = fields.String(load_default=None)
     max_context_bytes = fields.Integer(load_default=Limits.max_context_bytes, validate=validate.Range(min=1024, max=512 * 1024 * 1024))
     max_context_entries = fields.Integer(load_default=Limits.max_context_entries, validate=validate.Range(min=1, max=1_000_000))
-    event_streams_per_process = fields.Integer(load_default=Limits.event_streams_per_process, validate=validate.Range(min=1, max=1000))
+    event_streams_per_process = fields.Integer(load_default=Limits.event_streams_per_process, validate=validate.Range(min=1, max=100_000))
     max_archive_bytes = fields.Integer(load_default=Limits.max_archive_bytes, validate=validate.Range(min=1024, max=MAX_ARCHIVE_BYTES))
 
 

@@ -33,6 +33,9 @@ errorlog = "-"
 # The access log's line is built by the same formatter as every other line (service/logs.py
 # JsonLines): it receives the request's atoms and writes them as fields, numbers as numbers.
 access_log_format = "%(m)s %(U)s %(s)s"
+# ... and its atoms are only those fields (gunicorn's own logger gathers every header and the whole
+# environ for each line: GET /v1/jobs/{id} is 1.25-1.4× as fast without that, service/gunicorn_worker.py).
+logger_class = "service.gunicorn_worker.AccessLogger"
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
