@@ -45,7 +45,7 @@ import redis
 
 from . import audit_lua
 from .errors import ImagepubError
-from .jobstore import CREATE, REDIS_OPTIONS
+from .jobstore import CREATE, REDIS_OPTIONS, created
 
 log = logging.getLogger(__name__)
 # The trail's own logger: every entry as one JSON line for a log shipper to keep. Not a debug
@@ -220,14 +220,14 @@ class AuditLog:
     def create_job(self, store, entry: dict[str, Any], **create: Any) -> str | None:
         """``store.create(**create)`` and, when it stored the job, the ``entry`` that records
         its acceptance, in one script (one round trip: see audit_lua.create_and_append). The
-        stored record, or None as ``create`` answers. Redis trouble is raised: nothing was
+        stored record or None as ``create`` answers, and FleetChanged as it raises it. Redis trouble is raised: nothing was
         written, and the request is refused (its refusal is recorded as any other)."""
         keys, args, record = store.create_call(**create)
         bodies, audit_args = self._arguments((entry,))
         flat = self._create_and_append(keys=[*keys, self.key, self.head_key, self.anchor_key],
                                        args=[len(keys), len(args), *args, *audit_args])
-        if not flat:
-            return None
+        if len(flat) == 1:  # not created: why (jobstore.created)
+            return created(flat[0], record)
         self._appended(bodies, flat)
         return record
 

@@ -107,8 +107,8 @@ def create_and_append(create: str) -> str:
     the job) and, only when it did, APPEND: a job accepted and the entry that records it are
     written together or not at all, in one round trip.
     KEYS: create's, then APPEND's. ARGV: the number of create's keys, the number of its
-    arguments, its arguments, then APPEND's. Returns APPEND's answer, or {} when nothing was
-    created."""
+    arguments, its arguments, then APPEND's. Returns APPEND's answer, or {create's answer} when
+    nothing was created."""
     return SHA256 + (
         "local function append(KEYS, ARGV)\n" + APPEND[len(SHA256):] + "end\n"
         "local function create(KEYS, ARGV)\n" + create + "end\n"
@@ -117,6 +117,7 @@ local nkeys, nargs = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ck, ca, ak, aa = {}, {}, {}, {}
 for i = 1, #KEYS do if i <= nkeys then ck[#ck + 1] = KEYS[i] else ak[#ak + 1] = KEYS[i] end end
 for i = 3, #ARGV do if i <= nargs + 2 then ca[#ca + 1] = ARGV[i] else aa[#aa + 1] = ARGV[i] end end
-if create(ck, ca) ~= 1 then return {} end
+local answer = create(ck, ca)
+if answer ~= 1 then return {answer} end
 return append(ak, aa)
 """)

@@ -82,10 +82,21 @@ def _iso(epoch: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a job runs, and (when read from a view that may be a second old) what the fleet
+    looked like: the daemons hash, how many daemons it held, the one chosen (JobStore.create
+    checks it)."""
+
+    daemon: str
+    fleet: tuple[str, int, str] | None = None
+
+
 class Fleet:
     def __init__(self, client: redis.Redis, prefix: str = "imagepub:"):
         self.redis, self.prefix = client, prefix
-        self._seen: tuple[float, list[dict[str, Any]]] = (-VIEW_SECONDS, [])  # the last read's workers
+        # the last read: when (monotonic), the workers, the daemons' records
+        self._seen: tuple[float, list[dict[str, Any]], dict[str, dict[str, Any]]] = (-VIEW_SECONDS, [], {})
 
     # --- keys ---
 
@@ -181,8 +192,9 @@ class Fleet:
             self.redis.hdel(self._workers, *stale_workers)
         if stale_daemons:
             self.redis.hdel(self._daemons, *stale_daemons)
-        self._seen = (time.monotonic(), workers)
-        return sorted(workers, key=lambda w: w["worker"]), records
+        workers.sort(key=lambda w: w["worker"])
+        self._seen = (time.monotonic(), workers, records)
+        return workers, records
 
     def workers(self) -> list[dict[str, Any]]:
         return self._read()[0]
@@ -267,7 +279,7 @@ class Fleet:
                 f"unknown daemon {daemon!r}", code="daemon_not_found",
             )
 
-    def place(self, source: str, requested: str | None) -> str:
+    def place(self, source: str, requested: str | None, *, fresh: bool = False) -> Placement:
         """The daemon a publish of the daemon image ``source`` runs on.
 
         - ``requested``, when the caller names one (it must be known; it may be down: the job
@@ -279,16 +291,24 @@ class Fleet:
           none does, 422 ``image_not_found``; 409 ``ambiguous_source`` when the name means
           different images on different daemons; else the holder that is up with the
           shortest queue.
+
+        The first two cases are read from this process' view of the fleet, at most
+        VIEW_SECONDS old (no round trip), and the placement carries what it saw: the job is
+        stored only if the fleet is still so (JobStore.create), else placed again with
+        ``fresh``. A submission then costs one round trip to Redis, not two.
         """
         if requested:
             self.check_known(requested)
-            return requested
-        daemons = self.daemons()
-        if not daemons:
-            return DEFAULT_DAEMON
-        if len(daemons) == 1:
-            return daemons[0].name
-        names = [d.name for d in daemons]
+            return Placement(requested)
+        read_at, _, records = self._seen
+        if fresh or time.monotonic() - read_at > VIEW_SECONDS or len(records) > 1:
+            daemons = self.daemons()
+            names = [d.name for d in daemons]
+        else:
+            daemons, names = [], sorted(records)
+        if len(names) <= 1:
+            chosen = names[0] if names else DEFAULT_DAEMON
+            return Placement(chosen, (self._daemons, len(names), names[0] if names else ""))
         holders = self.holders(source, names)
         if not holders:
             self.ask_for_fresh_indexes([d for d in daemons if d.up])
@@ -305,12 +325,12 @@ class Fleet:
             error.errors = [{"field": "source", "message": f"ambiguous: {where}"}]
             raise error
         candidates = [d for d in daemons if d.name in holders]
-        return min(candidates, key=lambda d: (not d.up, d.queue_depth, d.name)).name
+        return Placement(min(candidates, key=lambda d: (not d.up, d.queue_depth, d.name)).name)
 
     def why_waiting(self, daemon: str) -> str | None:
         """Why a job queued for ``daemon`` is not running, when the reason is that no worker
         of the daemon is alive."""
-        read_at, workers = self._seen
+        read_at, workers, _ = self._seen
         if time.monotonic() - read_at > VIEW_SECONDS:  # a note for the reader: a second-old view will do
             workers = self.workers()
         if any(w.get("daemon") == daemon and w["alive"] for w in workers):

@@ -92,10 +92,13 @@ return 1
 """ % EVENTS_MAXLEN
 
 
-# KEYS: job, events, jobs queue, idempotency key (or a dummy), then every index the job belongs
-# to (JobStore._indexes). ARGV: record, id, metric field, queue message ('' for none), the
-# idempotency key's lifetime ('' for none) and its binding (``{id} {request hash}``); nothing is
-# done (0) when the key's claim lapsed and another request bound it meanwhile. One command: the record, its indexes, its first
+# KEYS: job, events, jobs queue, idempotency key (or a dummy), the fleet's daemons hash, then
+# every index the job belongs to (JobStore._indexes). ARGV: record, id, metric field, queue
+# message ('' for none), the idempotency key's lifetime ('' for none) and its binding (``{id}
+# {request hash}``), the number of daemons the placement saw ('' for no check) and the one it
+# chose ('' for none). Nothing is done (0) when the key's claim lapsed and another request bound
+# it meanwhile, nor (2) when the fleet is no longer the one the job was placed in (a per-process
+# view of a second ago: service/fleet.py). One command: the record, its indexes, its first
 # event, the submission counter, the Celery message and the idempotency key's binding for the
 # retention period, together or not at all.
 CREATE = """
@@ -103,8 +106,12 @@ if ARGV[5] ~= '' then
   local bound = redis.call('GET', KEYS[4])
   if bound and bound ~= ARGV[6] then return 0 end
 end
+if ARGV[7] ~= '' then
+  if tostring(redis.call('HLEN', KEYS[5])) ~= ARGV[7] then return 2 end
+  if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[8]) == 0 then return 2 end
+end
 redis.call('SET', KEYS[1], ARGV[1])
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   redis.call('ZADD', KEYS[i], 0, ARGV[2])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', 'state', 'job', ARGV[1])
@@ -227,6 +234,18 @@ def load_record(raw: str) -> dict[str, Any]:
 REDIS_OPTIONS = {"health_check_interval": 30, "socket_connect_timeout": 5, "socket_timeout": 30, "socket_keepalive": True}
 
 
+class FleetChanged(Exception):
+    """The fleet changed since the per-process view a job was placed with: place it again."""
+
+
+def created(answer: int, record: str) -> str | None:
+    """What CREATE's answer means: the record stored, None (an idempotency claim lapsed), or
+    FleetChanged."""
+    if answer == 2:
+        raise FleetChanged()
+    return record if answer == 1 else None
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "imagepub:", *, retention_seconds: int = 7 * 86400):
         self.redis = client
@@ -295,26 +314,29 @@ class JobStore:
     # --- records ---
 
     def create(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None,
-               queue: str = JOBS_QUEUE) -> str | None:
+               queue: str = JOBS_QUEUE, fleet: tuple[str, int, str] | None = None) -> str | None:
         """Store a new job, index it, start its event stream and (with ``message``) queue it:
         one atomic script, one round trip (``message`` goes on ``queue``). A job with an ``idempotency_key`` (claimed for a
         moment by ``claim_idempotency_key``) binds it with ``idempotency`` = (request hash,
-        lifetime in seconds). Returns the stored JSON; None (nothing stored) when the claim had
-        lapsed and another request holds the key now."""
-        keys, args, record = self.create_call(job, message, idempotency, queue)
-        return record if self._create(keys=keys, args=args) == 1 else None
+        lifetime in seconds). With ``fleet`` = (the daemons hash, how many daemons the placement
+        saw, the one it chose or ''), nothing is stored unless the fleet is still so: raises
+        FleetChanged. Returns the stored JSON; None (nothing stored) when the claim had lapsed
+        and another request holds the key now."""
+        keys, args, record = self.create_call(job, message, idempotency, queue, fleet)
+        return created(self._create(keys=keys, args=args), record)
 
     def create_call(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None,
-                    queue: str = JOBS_QUEUE) -> tuple[list[str], list[str], str]:
+                    queue: str = JOBS_QUEUE, fleet: tuple[str, int, str] | None = None) -> tuple[list[str], list[str], str]:
         """The keys and arguments of ``CREATE`` for :meth:`create` (and for the audit trail's
         create-and-record script, service/audit.py), and the record it stores."""
         record = _dumps(job)
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else None
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
+        fleet_key, daemons, chosen = fleet if fleet else (f"{self.prefix}fleet:daemons", "", "")
         keys = [self._job_key(job["id"]), self._events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
-                *self._indexes(job)]
+                fleet_key, *self._indexes(job)]
         args = [record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
-                str(ttl), f"{job['id']} {request_hash}"]
+                str(ttl), f"{job['id']} {request_hash}", str(daemons), chosen]
         return keys, args, record
 
     def _count_finished(self, job: dict[str, Any], pipe=None) -> None:

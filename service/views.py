@@ -25,7 +25,7 @@ from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnav
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .routing import queue_for
-from .jobstore import TERMINAL_STATES, epoch, is_job_id
+from .jobstore import TERMINAL_STATES, FleetChanged, epoch, is_job_id
 from .schemas import ArchivePublishSchema, BuildSchema, CopySchema, JobListQuery, repository_in
 from .uploads import archive_too_large, receive_archive
 from .views_audit import accepted_job
@@ -125,12 +125,15 @@ def _check_queue_depth(store, settings) -> None:
         )
 
 
-def _submit(kind: str, normalized: dict[str, Any], daemon: str | None = None, upload: Upload | None = None) -> Response:
+def _submit(kind: str, normalized: dict[str, Any], daemon: str | None = None, upload: Upload | None = None,
+            fleet: tuple[str, int, str] | None = None) -> Response:
     """Store and queue the job. With an ``upload`` (already in the artifact store, named by the
     job's id to be): the job takes that id and records it; an upload that ends up with no job
     of its own (refused, or a replayed request's) is removed."""
     try:
-        response = _store_job(kind, normalized, daemon, upload)
+        response = _store_job(kind, normalized, daemon, upload, fleet)
+    except FleetChanged:
+        raise  # placed again and submitted again, upload and all
     except BaseException:
         if upload is not None:
             upload.discard()
@@ -140,7 +143,8 @@ def _submit(kind: str, normalized: dict[str, Any], daemon: str | None = None, up
     return response
 
 
-def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload: Upload | None) -> Response:
+def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload: Upload | None,
+               fleet: tuple[str, int, str] | None = None) -> Response:
     settings, store, queue = ctx()["settings"], ctx()["store"], ctx()["queue"]
     client, key = current_client().name, request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
@@ -164,11 +168,16 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
     try:
         # the key's binding outlives the job's retention; shortened to it when the job ends
         route = queue_for(job)
-        create = {"job": job, "message": queue.message(job["id"], route), "queue": route,
+        create = {"job": job, "message": queue.message(job["id"], route), "queue": route, "fleet": fleet,
                   "idempotency": (request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None}
         # the job and the audit entry of its acceptance: one script, together or not at all
         entry = accepted_job(job)
         record = ctx()["audit"].create_job(store, entry, **create) if entry is not None else store.create(**create)
+    except FleetChanged:  # nothing was stored; the caller places the job again
+        g.pop("audit_decided", None)
+        if key is not None:
+            store.release_idempotency_key(client, key)
+        raise
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})
         try:
@@ -195,7 +204,13 @@ def publish():
     require_source(client, data["source"])
     _check_targets(client, data)
     # where the source is: the daemon named, or the one that holds it (service/fleet.py)
-    return _submit("publish", data, daemon=ctx()["fleet"].place(data["source"], data.get("daemon")))
+    fleet = ctx()["fleet"]
+    placement = fleet.place(data["source"], data.get("daemon"))
+    try:
+        return _submit("publish", data, daemon=placement.daemon, fleet=placement.fleet)
+    except FleetChanged:  # since this process last looked: look again, and store it as placed now
+        placement = fleet.place(data["source"], data.get("daemon"), fresh=True)
+        return _submit("publish", data, daemon=placement.daemon, fleet=placement.fleet)
 
 
 def _publish_archive(client) -> Response:

@@ -3,8 +3,11 @@ ids and id prefixes, the reference filter as users write repositories, placement
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from helpers import GOOD
 from service.errors import Conflict, ValidationFailed
 from service.fleet import VIEW_SECONDS, Fleet, matches_reference
 
@@ -55,9 +58,9 @@ def test_placement(fleet):
     with pytest.raises(Conflict) as ambiguous:
         fleet.place("app:1", None)
     assert ambiguous.value.code == "ambiguous_source" and "on a" in ambiguous.value.message and "on b" in ambiguous.value.message
-    assert fleet.place("app:1", "b") == "b"
-    assert fleet.place("localhost:5000/team/app:1", None) == "a"
-    assert fleet.place("other:2", None) == "b"
+    assert fleet.place("app:1", "b").daemon == "b"
+    assert fleet.place("localhost:5000/team/app:1", None).daemon == "a"
+    assert fleet.place("other:2", None).daemon == "b"
     with pytest.raises(ValidationFailed) as missing:
         fleet.place("nowhere:1", None)
     assert missing.value.code == "image_not_found" and missing.value.errors[0]["field"] == "source"
@@ -68,9 +71,9 @@ def test_placement(fleet):
 
 def test_a_single_daemon_takes_everything_and_none_means_default(redis_client):
     fleet = Fleet(redis_client)
-    assert fleet.place("anything:1", None) == "default"  # no worker has registered yet
+    assert fleet.place("anything:1", None).daemon == "default"  # no worker has registered yet
     fleet.register("w", {"daemon": "solo"})
-    assert fleet.place("anything:1", None) == "solo"  # its worker says whether it holds it
+    assert fleet.place("anything:1", None, fresh=True).daemon == "solo"  # its worker says whether it holds it
 
 
 def test_daemons_and_waiting(fleet, redis_client):
@@ -80,8 +83,8 @@ def test_daemons_and_waiting(fleet, redis_client):
     fleet.unregister("worker-a")
     # the reason a queued job waits is read from a view at most VIEW_SECONDS old
     assert fleet.why_waiting("a") is None
-    read_at, workers = fleet._seen
-    fleet._seen = (read_at - VIEW_SECONDS, workers)  # as a second later
+    read_at, *view = fleet._seen
+    fleet._seen = (read_at - VIEW_SECONDS, *view)  # as a second later
     assert fleet.why_waiting("a") == "daemon a has no worker"
     assert {d.name: d.up for d in fleet.daemons()} == {"a": False, "b": True}
 
@@ -94,3 +97,25 @@ def test_the_reference_filter_shows_only_the_names_that_match():
     assert shown["tags"] == ["localhost:5000/team/app:1"] and shown["digests"] == IMAGES_A[0]["digests"]
     assert filter_reference(IMAGES_A[0], "app:1")["tags"] == ["app:1"] and filter_reference(IMAGES_A[0], "app:1")["digests"] == []
     assert filter_reference(IMAGES_A[0], "other/*") is None
+
+
+def test_a_submission_placed_on_a_stale_view_is_placed_again(client, app, redis_client):
+    """A publish is placed from this process' view of the fleet (at most VIEW_SECONDS old, no
+    round trip) and stored only if the fleet is still what the view saw: a daemon that joined
+    meanwhile makes the API look again, so the job goes where its image is."""
+    fleet = app.extensions["imagepub"]["fleet"]
+    fleet.register("worker-a", {"daemon": "a"})
+    fleet.write_index("a", IMAGES_A, listed_at=0)
+    first = client.post("/v1/publish", json={**GOOD, "source": "other:2"})
+    assert first.status_code == 202 and first.get_json()["daemon"] == "a"  # the only daemon: it takes everything
+
+    other = Fleet(redis_client)  # another process: a second daemon joins, holding the image
+    other.register("worker-b", {"daemon": "b"})
+    other.write_index("b", IMAGES_B, listed_at=0)
+    read_at, _, records = fleet._seen
+    assert list(records) == ["a"] and time.monotonic() - read_at < VIEW_SECONDS  # this process still sees a alone
+
+    again = client.post("/v1/publish", json={**GOOD, "source": "other:2"})
+    assert again.status_code == 202 and again.get_json()["daemon"] == "b"
+    jobs = {job["id"]: job["daemon"] for job in client.get("/v1/jobs").get_json()["jobs"]}
+    assert jobs == {first.get_json()["id"]: "a", again.get_json()["id"]: "b"}  # nothing stored on the stale view
