@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API under gunicorn")
     serve.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT to listen on (default %(default)s)")
-    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default: 2 × cores + 1, at most 9)")
+    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default: cores + 1, at most 9)")
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a Celery worker next to a Docker daemon")
     worker.add_argument("--concurrency", type=int, help="jobs at once (default: number of cores)")

@@ -3,7 +3,12 @@
 import multiprocessing
 import os
 
-workers = min(2 * multiprocessing.cpu_count() + 1, 9)
+# One event loop per core, and one more for the moment one is busy with CPU (a build context's
+# or an archive's headers checked): gunicorn's "2 × cores + 1" is for sync workers, whose process
+# waits on each request's I/O; a gevent worker does not. Measured on 2 cores (issue 14): 2, 3
+# and 5 workers serve the same requests a second within the machine's noise, and each worker
+# process costs about 60 MiB.
+workers = min(multiprocessing.cpu_count() + 1, 9)
 # gevent, with a deadline on reading each request (service/gunicorn_worker.py, README "Design"):
 # a slow client or a live event stream costs a greenlet, not one of a few threads.
 worker_class = "service.gunicorn_worker.ApiWorker"
