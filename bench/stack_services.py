@@ -265,8 +265,17 @@ def redis_used_memory(redis_url: str) -> int:
 
 
 def cli_env(stack, config_dir: Path) -> dict[str, str]:
-    """Environment for the docker CLI against the stack's private daemon, with its own config."""
+    """Environment for the docker CLI against the stack's private daemon, with its own config,
+    as fast as the CLI goes: ``DOCKER_API_VERSION`` pinned to the daemon's, so that no
+    invocation first pings the daemon to negotiate it (one round trip of each `docker tag` and
+    `docker push` less: the fastest honest baseline)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("DOCKER_")}
-    env.update({"DOCKER_HOST": stack.docker_host, "DOCKER_CONFIG": str(config_dir)})
+    client = stack.docker()
+    try:
+        api_version = client.version()["ApiVersion"]
+    finally:
+        client.close()
+    env.update({"DOCKER_HOST": stack.docker_host, "DOCKER_CONFIG": str(config_dir), "DOCKER_API_VERSION": api_version,
+                "DOCKER_CLI_HINTS": "false"})
     return env

@@ -82,7 +82,9 @@ def layer_recorder(record: dict[str, Any], progress: "Progress") -> Callable[[st
             layer["current"], layer["total"] = current, total
         elif state in final and layer["total"]:
             layer["current"] = layer["total"]
-        progress.save(force=state in final)
+        # at most one snapshot every Progress.interval: a push whose layers all exist would
+        # otherwise write one per layer within a millisecond; the job's last word has them all
+        progress.save(force=False)
 
     return on_layer
 
@@ -178,10 +180,11 @@ def prepare_targets(job: dict[str, Any], deps: "Deps", progress: "Progress") -> 
         if target is None:
             raise errors.RegistryNotConfigured(f"registry {record['registry']!r} is no longer configured")
         targets.append((record, target))
+    created = False
     for record, target in targets:
         if target.ensure_repository(record["repository"], job["request"].get("create_repository", False)):
-            record["repository_created"] = True
-    progress.save()
+            record["repository_created"] = created = True
+    progress.save(force=created)
     return targets
 
 
@@ -204,9 +207,11 @@ def push_targets(job: dict[str, Any], deps: "Deps", progress: "Progress", image:
                 written(tag, digest)
             digests.add(digest)
             record["references"] = list(dict.fromkeys(record["references"] + [f"{repository_ref}:{tag}"]))
-            progress.save()
+            progress.save(force=False)
         if len(digests) != 1:
             raise errors.PushFailed(f"{repository_ref}: tags of one image got different digests {sorted(digests)}")
         record.update(state="succeeded", digest=digests.pop(), size=image.size)
         count_layers(deps, record["registry"], record["layers"], "pushed", "imagepub_pushed_bytes")
-        progress.save()
+        # written with the next snapshot: at the latest the job's end (a worker that dies before
+        # leaves the target to the next attempt, which pushes it again: the same digest)
+        progress.save(force=False)
