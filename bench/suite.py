@@ -23,6 +23,7 @@ from typing import Any, Callable
 from . import machine, profile
 from .copy_phase import copy_phase
 from .followers import followers_phase
+from workers.registry_http import ManifestHead
 from .load import WrkResult, merge, wrk
 from .meter import Cost, Meter
 from .stack_services import (REPO, TERMINAL, TOKEN, Hello, Imagepub, auth_headers, cli_env, gunicorn_defaults,
@@ -430,6 +431,7 @@ def daemon_calls(stack, image: str, repository: str, n: int) -> dict[str, list[f
     api = client.api
     repo = f"{stack.registry}/{repository}"
     image_id = api.inspect_image(image)["Id"]
+    head = ManifestHead(stack.registry, verify=False, plain_http_allowed=True)  # as workers/publish.py:served_digest
     out: dict[str, list[float]] = {}
 
     def timed(name, fn, *a, **kw):
@@ -446,8 +448,9 @@ def daemon_calls(stack, image: str, repository: str, n: int) -> dict[str, list[f
             timed("tag (POST /images/{id}/tag)", api.tag, image_id, repo, tag, force=True)
             timed("push, whole stream (POST /images/{name}/push)", api.push, repo, tag=tag, stream=True, decode=True, auth_config={})
             timed("inspect (GET /images/{id}/json)", api.inspect_image, image_id)
-            timed("registry digest (GET /distribution/{ref}/json)", api.inspect_distribution, f"{repo}:{tag}", auth_config={})
-            timed("inspect again, before untag", api.inspect_image, image_id)
+            timed("registry digest, from the worker (HEAD /v2/{name}/manifests/{tag}, kept-alive)", head.digest, repository, tag, {})
+            timed("registry digest, through the daemon (GET /distribution/{ref}/json; no longer called)",
+                  api.inspect_distribution, f"{repo}:{tag}", auth_config={})
             timed("untag (DELETE /images/{ref}?noprune=1)", api.remove_image, f"{repo}:{tag}", noprune=True)
     finally:
         client.close()
