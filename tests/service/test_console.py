@@ -425,6 +425,7 @@ def test_a_page_costs_the_same_store_reads_for_few_jobs_and_many(app, signed_in,
 
 def test_the_fleet_page_counts_the_last_hour_and_the_pushes(app, signed_in, redis_client):
     store = app.extensions["imagepub"]["store"]
+    before = time.time()
     jobs = [submit(app, "ci") for _ in range(3)]
     store.cancel(jobs[0]["id"])
     submit(app, "team-b", {**GOOD, "source": "team-b/app:1", "targets": [{"registry": "local", "repository": "team-b/app", "tags": ["1"]}]})
@@ -440,7 +441,8 @@ def test_the_fleet_page_counts_the_last_hour_and_the_pushes(app, signed_in, redi
     assert 'data-state-count="queued">3<' in admin
     # an hour ago is where the count starts: ids are UUIDv7, ordered by their time
     assert first_id_since(0) == "00000000-0000-0000-0000-000000000000"
-    assert new_job_id() > first_id_since(time.time() - 1) > jobs[0]["id"][:8]
+    assert first_id_since(before - 0.01) < jobs[0]["id"] < jobs[-1]["id"] < first_id_since(time.time() + 0.01)
+    assert first_id_since(time.time() - 0.01) < new_job_id()
 
 
 def test_the_registries_page_shows_no_secret(signed_in):
