@@ -128,7 +128,7 @@ class Progress:
             self.save()
             log.info("job waits for %s", what, extra={"job_id": self.job["id"]})
             try:
-                while not self.leases.take(key):
+                while not self._take_while_waiting(key):
                     self.check()
                     time.sleep(LEASE_POLL_SECONDS)
             finally:  # taken, or cancelled while waiting: either way no longer waiting
@@ -138,6 +138,15 @@ class Progress:
             yield
         finally:
             self.leases.give_back(key)
+
+    def _take_while_waiting(self, key: str) -> bool:
+        """One more try at a lease this job waits for. Redis away (a restart, a failover) is
+        one more reason to wait, not the end of the job: the holder cannot finish either."""
+        try:
+            return self.leases.take(key)
+        except redis.exceptions.RedisError as exc:
+            log.warning("job waits for Redis: %s", exc.__class__.__name__, extra={"job_id": self.job["id"]})
+            return False
 
     def transition(self, state: str, **fields: Any) -> None:
         self.job["state"] = state
@@ -223,6 +232,13 @@ def _run_locked(job: dict[str, Any], deps: Deps, guard: Guard) -> None:
         return
     except errors.ImagepubError as exc:
         _failed(progress, exc)
+        return
+    except redis.exceptions.RedisError as exc:
+        # Redis away longer than redis-py's retries (a restart under load): worth another
+        # attempt. If Redis is still away for this record too, the job keeps its `running` state
+        # without a live lease, and the supervisor runs it again once Redis is back.
+        log.warning("job interrupted: Redis unavailable (%s)", exc.__class__.__name__, extra={"job_id": job["id"]})
+        _failed(progress, errors.TransientError(f"the job store was unavailable ({exc.__class__.__name__})", code="store_unavailable"))
         return
     except SoftTimeLimitExceeded:
         limit = deps.settings.job_timeout_seconds

@@ -135,7 +135,7 @@ def test_redis_restart_loses_nothing(resilient, stack, r, image, unique):
     assert raw["events"][0]["data"]["state"] == "running"
     r.delete(lock)
     done = api.wait(job["id"], timeout=60)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", (done.get("error"), done.get("attempts"), done.get("last_error"))
     assert stack.registry_digest(stack.registry, f"restart-{unique}", "live") == done["targets"][0]["digest"]
     followers[1].join(60)
     assert followed and followed[-1]["state"] == "succeeded" and followed[-1]["targets"][0]["digest"] == done["targets"][0]["digest"]
