@@ -23,6 +23,7 @@ from . import config as config_module
 from .config import Settings
 from .errors import ImagepubError
 from .fleet import Fleet
+from .followers import Followers
 from .jobstore import REDIS_OPTIONS, JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         "spec": functools.lru_cache(maxsize=8)(lambda daemons, spec=deployment_spec(settings): served_spec(spec, list(daemons))),
         # marshmallow schemas are reusable and thread-safe for load(): build them once
         "schemas": {"publish": PublishSchema(limits=settings.limits), "pull": PullSchema()},
+        "followers": Followers(store),
         "event_streams": threading.BoundedSemaphore(settings.limits.event_streams_per_process),
     }
     app.register_error_handler(ImagepubError, _render_imagepub_error)

@@ -114,10 +114,11 @@ class Limits:
     # tree, and a context near 50 MiB with more files than that is rare (node_modules belongs
     # in .dockerignore). Raise it for contexts of many small files.
     max_context_entries: int = 10_000
-    # Live event streams one API process serves at once. Each holds a greenlet, a socket and a
-    # Redis connection (blocked in XREAD) for as long as the job runs, about 100 KiB of the
-    # process (docs/benchmarks.md, "A thousand followers"); the default is the gevent worker's
-    # connections per process. Followers beyond it get 503 and poll (the CLI does so by itself).
+    # Live event streams one API process serves at once. Each holds a greenlet and its socket
+    # for as long as the job runs (the process' one reader hands it its job's events:
+    # service/followers.py; docs/benchmarks.md, "A thousand followers"); the default is the
+    # gevent worker's connections per process. Followers beyond it get 503 and poll (the CLI
+    # does so by itself).
     event_streams_per_process: int = 1000
     # An uploaded image archive (POST /v1/publish, multipart). S3 takes at most 5 GiB in one PUT,
     # the way the API hands an archive to an s3 artifact store (README, Design): the bound.

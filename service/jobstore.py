@@ -272,6 +272,10 @@ class JobStore:
     def _events_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:events"
 
+    def events_key(self, job_id: str) -> str:
+        """The stream of a job's snapshots (service/followers.py reads many at once)."""
+        return self._events_key(job_id)
+
     def cancel_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:cancel"
 

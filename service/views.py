@@ -439,29 +439,36 @@ def job_events(job_id: str):
                 if json.loads(data)["state"] in TERMINAL_STATES:
                     return
         yield "retry: 2000\n\n"
-        block_ms = None if job["state"] in TERMINAL_STATES else SSE_KEEPALIVE_MS
-        while True:
-            events = store.events(job_id, after, block_ms=block_ms)
-            for event_id, kind, data in events:
-                after = event_id
-                yield _sse(event_id, kind, data)
-                if json.loads(data)["state"] in TERMINAL_STATES:
-                    return
-            if events:
-                continue
-            current = store.get(job_id)
-            if current is None:
-                return
-            if current["state"] in TERMINAL_STATES:
-                if block_ms is not None:
-                    block_ms = None  # one more look: its final event may have landed meanwhile
+        # the events that follow come from the process' reader (service/followers.py), which
+        # reads every followed job's stream at once
+        sub = None if job["state"] in TERMINAL_STATES else ctx()["followers"].subscribe(job_id, after)
+        try:
+            while True:
+                events = sub.wait(SSE_KEEPALIVE_MS / 1000) if sub is not None else store.events(job_id, after)
+                for event_id, kind, data in events:
+                    after = event_id
+                    yield _sse(event_id, kind, data)
+                    if json.loads(data)["state"] in TERMINAL_STATES:
+                        return
+                if events:
                     continue
-                # Nothing after `after` although the job has ended (a Last-Event-ID past its end,
-                # or a history already expired): replay the final state rather than wait forever.
-                latest = store.latest_event(job_id)
-                yield _sse(latest[0] if latest else _end_id(current), "state", json.dumps(current))
-                return
-            yield ": keep-alive\n\n"
+                current = store.get(job_id)
+                if current is None:
+                    return
+                if current["state"] in TERMINAL_STATES:
+                    if sub is not None:
+                        ctx()["followers"].unsubscribe(sub)
+                        sub = None  # one more look of its own: its final event may have landed meanwhile
+                        continue
+                    # Nothing after `after` although the job has ended (a Last-Event-ID past its
+                    # end, or a history already expired): replay the final state rather than wait.
+                    latest = store.latest_event(job_id)
+                    yield _sse(latest[0] if latest else _end_id(current), "state", json.dumps(current))
+                    return
+                yield ": keep-alive\n\n"
+        finally:
+            if sub is not None:
+                ctx()["followers"].unsubscribe(sub)
 
     try:
         resp = Response(stream_with_context(stream()), mimetype="text/event-stream")
