@@ -581,9 +581,6 @@ class JobStore:
 
     # --- worker liveness ---
 
-    def heartbeat(self, worker: str) -> None:
-        self.redis.zadd(f"{self.prefix}workers", {worker: time.time()})
-
     def live_workers(self, max_age: float = WORKER_HEARTBEAT_MAX_AGE) -> list[str]:
         now = time.time()
         key = f"{self.prefix}workers"

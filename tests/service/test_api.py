@@ -185,6 +185,6 @@ def test_readyz_needs_a_worker_heartbeat(client, app):
     assert resp.status_code == 503
     assert resp.get_json()["checks"]["redis"]["ok"] is True
     assert resp.get_json()["checks"]["workers"]["ok"] is False
-    app.extensions["imagepub"]["store"].heartbeat("worker@test")
+    app.extensions["imagepub"]["fleet"].register("worker@test", {"daemon": "default"})  # what a worker's heartbeat writes
     resp = client.get("/readyz")
     assert resp.status_code == 200 and resp.get_json()["checks"]["workers"]["live"] == 1
