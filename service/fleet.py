@@ -36,8 +36,10 @@ from .queue import daemon_queue
 DEFAULT_DAEMON = "default"
 # Workers and daemons not heard of for this long are forgotten.
 FORGET_AFTER = 24 * 3600
-# How old a view of the workers may be when it only explains a wait (`waiting_for` of a queued
-# job read by GET /v1/jobs/{id}): placement and the fleet endpoints always read afresh.
+# How old this process' view of the fleet may be where a read per request would cost too much:
+# the reason a queued job waits (GET /v1/jobs/{id}), and the placement of a publish in a fleet of
+# at most one daemon (checked by the create script: see Fleet.place). The fleet endpoints, and
+# placement among several daemons, read afresh.
 VIEW_SECONDS = 1.0
 # A daemon's index is rewritten at least this often, whatever its events say.
 INDEX_MAX_AGE = 30.0

@@ -210,7 +210,7 @@ def publish():
         return _submit("publish", data, daemon=placement.daemon, fleet=placement.fleet)
     except FleetChanged:  # since this process last looked: look again, and store it as placed now
         placement = fleet.place(data["source"], data.get("daemon"), fresh=True)
-        return _submit("publish", data, daemon=placement.daemon, fleet=placement.fleet)
+        return _submit("publish", data, daemon=placement.daemon)  # read just now: as placement always was
 
 
 def _publish_archive(client) -> Response:
