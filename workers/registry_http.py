@@ -18,6 +18,7 @@ realm with the credentials, then send it), as Docker's own client does.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import threading
@@ -146,4 +147,5 @@ class ManifestHead:
 
 
 def _basic(auth: dict[str, str]) -> str:
-    return requests.auth._basic_auth_str(auth["username"], auth.get("password") or "")
+    pair = f"{auth['username']}:{auth.get('password') or ''}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
