@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from service import audit, errors
+from service.image_archive import INDEX_TYPES
 
 from .publish import count_layers, prepare_targets
 from .registries import Target
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 ARTIFACT_SUFFIXES = (".sig", ".att", ".sbom")  # cosign: sha256-<hex>.sig, .att, .sbom
 # buildx's attestation manifests in an index name the image they describe in this annotation.
 REFERENCE_DIGEST = "vnd.docker.reference.digest"

@@ -28,15 +28,11 @@ from typing import Any
 import requests
 
 from service import errors
+from service.image_archive import INDEX_TYPES, MANIFEST_TYPES
 from service.logs import register_secret
 
 # Every manifest form a push can leave behind: the registry answers the digest of the one it holds.
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
+ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
 TIMEOUT = (5, 15)  # connect, read: a HEAD answers at once or the registry is in trouble
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 _DOCKER_HUB = {"docker.io": "registry-1.docker.io"}
