@@ -269,12 +269,9 @@ class JobStore:
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
-    def _events_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:events"
-
     def events_key(self, job_id: str) -> str:
         """The stream of a job's snapshots (service/followers.py reads many at once)."""
-        return self._events_key(job_id)
+        return f"{self.prefix}job:{job_id}:events"
 
     def cancel_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:cancel"
@@ -337,7 +334,7 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else None
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
         fleet_key, daemons, chosen = fleet if fleet else (f"{self.prefix}fleet:daemons", "", "")
-        keys = [self._job_key(job["id"]), self._events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
+        keys = [self._job_key(job["id"]), self.events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
                 fleet_key, *self._indexes(job)]
         args = [record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
                 str(ttl), f"{job['id']} {request_hash}", str(daemons), chosen]
@@ -366,7 +363,7 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self._job_key(job["id"]) + ":no-idem"
         record = _dumps(job)
         result = self._save(
-            keys=[self._job_key(job["id"]), self._events_key(job["id"]), idem, self.webhooks_key],
+            keys=[self._job_key(job["id"]), self.events_key(job["id"]), idem, self.webhooks_key],
             args=[record, job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds,
                   job.get("client") or "", EVENTS_AFTER_END_SECONDS,
                   _compact(record) if job["state"] in TERMINAL_STATES else record,
@@ -418,7 +415,7 @@ class JobStore:
 
     def delete(self, job: dict[str, Any]) -> None:
         pipe = self.redis.pipeline()
-        pipe.delete(self._job_key(job["id"]), self._events_key(job["id"]))
+        pipe.delete(self._job_key(job["id"]), self.events_key(job["id"]))
         for key in self._indexes(job):
             pipe.zrem(key, job["id"])
         pipe.execute()
@@ -517,8 +514,8 @@ class JobStore:
                     pipe.zrem(f"{self.prefix}delayed", job_id)
                     if job["request"].get("callback_url"):  # owed with the end, as in the save script
                         pipe.zadd(self.webhooks_key, {job_id: 0}, nx=True)
-                    pipe.xadd(self._events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
-                    pipe.expire(self._events_key(job_id), min(self.retention_seconds, EVENTS_AFTER_END_SECONDS))
+                    pipe.xadd(self.events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
+                    pipe.expire(self.events_key(job_id), min(self.retention_seconds, EVENTS_AFTER_END_SECONDS))
                     self._count_finished(job, pipe)
                     pipe.execute()
                     return "cancelled", job
@@ -532,7 +529,7 @@ class JobStore:
 
     def latest_event(self, job_id: str) -> tuple[str, str, str] | None:
         """The newest event (event id, type, job JSON), if any."""
-        entries = self.redis.xrevrange(self._events_key(job_id), count=1)
+        entries = self.redis.xrevrange(self.events_key(job_id), count=1)
         if not entries:
             return None
         event_id, fields = entries[0]
@@ -540,7 +537,7 @@ class JobStore:
 
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int = 100) -> list[tuple[str, str, str]]:
         """Events after ``after``: (event id, type, job JSON); waits up to ``block_ms`` for one."""
-        answer = self.redis.xread({self._events_key(job_id): after}, count=count, block=block_ms)
+        answer = self.redis.xread({self.events_key(job_id): after}, count=count, block=block_ms)
         return [(event_id, fields["type"], fields["job"]) for _, entries in answer for event_id, fields in entries]
 
     # --- retries waiting for their time ---
