@@ -45,7 +45,7 @@ import redis
 
 from . import audit_lua
 from .errors import ImagepubError
-from .jobstore import CREATE, REDIS_OPTIONS, created
+from .jobstore import CREATE, REDIS_OPTIONS, client_like, created
 
 log = logging.getLogger(__name__)
 # The trail's own logger: every entry as one JSON line for a log shipper to keep. Not a debug
@@ -352,9 +352,7 @@ def for_store(store, settings) -> AuditLog:
     """The audit trail beside a job store (same Redis and prefix), one per store."""
     trail_log = _logs.get(store)
     if trail_log is None:
-        pool = store.redis.connection_pool
-        client = redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class, **{**pool.connection_kwargs, "decode_responses": False}))
+        client = client_like(store.redis, decode_responses=False)
         trail_log = _logs[store] = AuditLog(client, store.prefix, retention_seconds=settings.audit.retention_days * 86400)
     return trail_log
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from .jobstore import client_like
+
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 100  # how long a new job's first follower may wait before its stream joins the read
@@ -106,9 +108,7 @@ class Followers:
     def _redis(self) -> redis.Redis:
         """A connection of the reader's own: its XREAD blocks, and no request should wait for it."""
         if self._client is None:
-            pool = self.store.redis.connection_pool
-            self._client = redis.Redis(connection_pool=redis.ConnectionPool(
-                connection_class=pool.connection_class, **{**pool.connection_kwargs, "decode_responses": True}))
+            self._client = client_like(self.store.redis, decode_responses=True)
         return self._client
 
     def _read(self) -> None:

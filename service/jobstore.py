@@ -234,6 +234,14 @@ def load_record(raw: str) -> dict[str, Any]:
 REDIS_OPTIONS = {"health_check_interval": 30, "socket_connect_timeout": 5, "socket_timeout": 30, "socket_keepalive": True}
 
 
+def client_like(client: redis.Redis, **overrides: Any) -> redis.Redis:
+    """A client of the same server, with connections of its own (a pool of its own) and
+    ``overrides`` of its options (``decode_responses``, say)."""
+    pool = client.connection_pool
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, **{**pool.connection_kwargs, **overrides}))
+
+
 class FleetChanged(Exception):
     """The fleet changed since the per-process view a job was placed with: place it again."""
 
@@ -438,9 +446,7 @@ class JobStore:
     def _binary(self) -> redis.Redis:
         """A client on the same server that returns bytes (the main one decodes to str)."""
         if self._binary_client is None:
-            kwargs = {**self.redis.connection_pool.connection_kwargs, "decode_responses": False}
-            self._binary_client = redis.Redis(connection_pool=redis.ConnectionPool(
-                connection_class=self.redis.connection_pool.connection_class, **kwargs))
+            self._binary_client = client_like(self.redis, decode_responses=False)
         return self._binary_client
 
     def drop_context(self, job_id: str) -> None:
