@@ -132,8 +132,6 @@ def _submit(kind: str, normalized: dict[str, Any], daemon: str | None = None, up
     of its own (refused, or a replayed request's) is removed."""
     try:
         response = _store_job(kind, normalized, daemon, upload, fleet)
-    except FleetChanged:
-        raise  # placed again and submitted again, upload and all
     except BaseException:
         if upload is not None:
             upload.discard()
@@ -174,7 +172,6 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
         entry = accepted_job(job)
         record = ctx()["audit"].create_job(store, entry, **create) if entry is not None else store.create(**create)
     except FleetChanged:  # nothing was stored; the caller places the job again
-        g.pop("audit_decided", None)
         if key is not None:
             store.release_idempotency_key(client, key)
         raise
@@ -188,9 +185,9 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
             pass
         raise ServiceUnavailable("the job queue is unavailable; nothing was queued, try again", code="queue_unavailable") from None
     if record is None:  # our claim of the key lapsed and another request took it: that one stands
-        g.pop("audit_decided", None)  # nothing recorded: this request's answer is, after it
         bound = store.claim_idempotency_key(client, key, job["id"], request_hash, settings.recovery.lock_ttl_seconds)
         return _replay(store, *bound, request_hash) if bound else _store_job(kind, normalized, daemon, upload)
+    g.audit_decided = entry is not None  # recorded with the job: not again after the response
     log.info("job accepted", extra={"job_id": job["id"], "kind": kind, "client": client})
     return _accepted(job, record=record)
 

@@ -168,11 +168,11 @@ def _entry(action: str, status: int) -> dict[str, Any]:
 def accepted_job(job: dict[str, Any]) -> dict[str, Any] | None:
     """The entry that records this request's submission accepted as ``job`` (what its 202
     answers), written with the job itself (AuditLog.create_job); None when this endpoint's
-    decisions are not recorded. The request's own decision is then not recorded again."""
+    decisions are not recorded. Once it is written, the view sets ``g.audit_decided`` and the
+    request's own decision is not recorded again."""
     action = SUBMISSIONS.get(request.endpoint or "")
     if action is None:
         return None
-    g.audit_decided = True
     return {**_entry(action, 202), "outcome": "accepted", **_places(action, job)}
 
 
