@@ -201,9 +201,10 @@ class Fleet:
     def workers(self) -> list[dict[str, Any]]:
         return self._read()[0]
 
-    def daemons(self) -> list[Daemon]:
-        """Every daemon a worker served in the last day, with its live workers and queue depth."""
-        workers, records = self._read()
+    def daemons(self, read: tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None = None) -> list[Daemon]:
+        """Every daemon a worker served in the last day, with its live workers and queue depth
+        (from ``read``, the workers and records just read, when the caller has them)."""
+        workers, records = read or self._read()
         names = sorted(records)
         depths: list[int] = []
         if names:
@@ -302,15 +303,14 @@ class Fleet:
         if requested:
             self.check_known(requested)
             return Placement(requested)
-        read_at, _, records = self._seen
+        read_at, workers, records = self._seen
         if fresh or time.monotonic() - read_at > VIEW_SECONDS or len(records) > 1:
-            daemons = self.daemons()
-            names = [d.name for d in daemons]
-        else:
-            daemons, names = [], sorted(records)
-        if len(names) <= 1:
+            workers, records = self._read()
+        names = sorted(records)
+        if len(names) <= 1:  # no queue depth or image index needed to choose
             chosen = names[0] if names else DEFAULT_DAEMON
             return Placement(chosen, (self._daemons, len(names), names[0] if names else ""))
+        daemons = self.daemons((workers, records))
         holders = self.holders(source, names)
         if not holders:
             self.ask_for_fresh_indexes([d for d in daemons if d.up])
