@@ -179,6 +179,7 @@ def http_phase(stack, args, res: Results, log: Log, services: dict[str, Any]) ->
         return median([getattr(x, attr) / getattr(b, attr) for x, b in zip(runs[name], runs[base])])
     s = gunicorn_defaults()
     res.settings["gunicorn"] = f"{s['workers']} × {s['worker_class']} workers, {s['worker_connections']} connections each"
+    res.settings["hello-world baseline"] = f"the faster per round of {hello.description} and {hello_threads.description}"
     res.settings["load"] = (f"wrk, 1 thread, {args.connections} connections, {args.rounds} interleaved rounds of "
                             f"{args.duration:.0f} s per load after a {args.warmup:.0f} s warm-up")
 
