@@ -24,6 +24,8 @@ from .config import Settings
 from .errors import ImagepubError
 from .fleet import Fleet
 from .followers import Followers
+from .jobcache import JobCache
+from .job_reads import JobReads
 from .jobstore import REDIS_OPTIONS, JobStore
 from .auth import ANONYMOUS, Authenticator, authenticate_request
 from .control import RegistryControl
@@ -164,9 +166,12 @@ class OrjsonProvider(DefaultJSONProvider):
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         return orjson.dumps(obj, default=self.default, option=self._OPTIONS & ~orjson.OPT_APPEND_NEWLINE).decode()
 
+    def body(self, obj: Any) -> bytes:
+        """The bytes of a JSON response (``jsonify``'s, and service/job_reads.py's)."""
+        return orjson.dumps(obj, default=self.default, option=self._OPTIONS)
+
     def response(self, *args: Any, **kwargs: Any) -> Response:
-        obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(orjson.dumps(obj, default=self.default, option=self._OPTIONS), mimetype=self.mimetype)
+        return self._app.response_class(self.body(self._prepare_response_obj(args, kwargs)), mimetype=self.mimetype)
 
 
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, queue: JobQueue | None = None) -> Flask:
@@ -177,6 +182,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
     app.json = OrjsonProvider(app)
     store = store or JobStore.from_config(settings)
+    store.cache = JobCache(store.redis, store.job_prefix)
     control = RegistryControl(queue.celery)
     app.extensions["imagepub"] = {
         "settings": settings,
@@ -244,4 +250,5 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         app.extensions["imagepub"]["limiter"] = limiter
     for blueprint in (jobs, registries, audit, ops):
         app.register_blueprint(blueprint)
+    app.wsgi_app = JobReads(app)  # the polled read, below Flask when it is the ordinary case
     return app

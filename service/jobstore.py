@@ -44,6 +44,7 @@ from typing import Any
 import orjson
 import redis
 
+from .jobcache import JobCache
 from .metrics import KEY as METRICS_KEY
 from .metrics import Metrics, metric_field
 from .queue import JOBS_QUEUE
@@ -262,6 +263,9 @@ class JobStore:
         self.metrics = Metrics(client)
         self._binary_client: redis.Redis | None = None
         self._depth, self._depth_read_at = 0, float("-inf")
+        # The API's reads of job records go through a cache Redis keeps current (service/jobcache.py);
+        # the workers', which write them, do not.
+        self.cache: JobCache | None = None
         self._save = client.register_script(_SAVE)
         self._create = client.register_script(CREATE)
         self._claim_webhooks = client.register_script(_CLAIM_WEBHOOKS)
@@ -273,6 +277,11 @@ class JobStore:
         return cls(client, retention_seconds=settings.retention_seconds)
 
     # --- keys ---
+
+    @property
+    def job_prefix(self) -> str:
+        """What every key of a job starts with: its record, events and cancel mark."""
+        return f"{self.prefix}job:"
 
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -360,7 +369,8 @@ class JobStore:
             pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(self._job_key(job_id))
+        key = self._job_key(job_id)
+        raw = self.redis.get(key) if self.cache is None else self.cache.get(key, lambda: self.redis.get(key))
         return load_record(raw) if raw else None
 
     def save(self, job: dict[str, Any], *, event: str = "progress") -> bool:

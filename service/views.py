@@ -303,24 +303,33 @@ def build():
     return _submit("build", data, upload=store_bytes(_artifacts(), archive))
 
 
+def may_see(client, job: dict[str, Any]) -> bool:
+    """A job is its owner's, and every admin's."""
+    return job.get("client") == client.name or is_admin(client)
+
+
+def note_waiting(job: dict[str, Any], fleet) -> dict[str, Any]:
+    """A queued job for a daemon no worker serves says so (``waiting_for``)."""
+    if job["state"] == "queued" and job.get("daemon"):
+        reason = fleet.why_waiting(job["daemon"])
+        if reason:
+            job["waiting_for"] = reason
+    return job
+
+
 def _job_or_404(job_id: str) -> dict[str, Any]:
     """The job, if it exists and the caller may see it: its owner, or an admin. Anyone else's
     job is indistinguishable from one that does not exist."""
     job = ctx()["store"].get(job_id) if is_job_id(job_id) else None
-    client = current_client()
-    if job is None or (job.get("client") != client.name and not is_admin(client)):
+    if job is None or not may_see(current_client(), job):
         raise NotFound(f"no job {job_id}", code="job_not_found")
     return job
 
 
 def visible_job(job_id: str) -> dict[str, Any]:
-    """The job as ``GET /v1/jobs/{id}`` (and the console) shows it to the caller."""
-    job = _job_or_404(job_id)
-    if job["state"] == "queued" and job.get("daemon"):
-        reason = ctx()["fleet"].why_waiting(job["daemon"])
-        if reason:
-            job["waiting_for"] = reason
-    return job
+    """The job as ``GET /v1/jobs/{id}`` (and the console) shows it to the caller. The same
+    answer, for a caller and a job it may see, comes from service/job_reads.py below Flask."""
+    return note_waiting(_job_or_404(job_id), ctx()["fleet"])
 
 
 @jobs.get("/v1/jobs/<job_id>")
