@@ -35,12 +35,14 @@ import hashlib
 import json
 import logging
 import re
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Iterator
 
+import orjson
 import redis
 
 from . import audit_lua
@@ -90,7 +92,7 @@ def encode(entry: dict[str, Any]) -> bytes:
 
 def decode(body: bytes) -> dict[str, Any]:
     """A stored body as API fields (only those it has)."""
-    stored = json.loads(body)
+    stored = orjson.loads(body)
     entry = {_LONG[key]: value for key, value in stored.items()}
     if "targets" in entry:
         entry["targets"] = [{"registry": g, "repository": r, "tags": tags} for g, r, tags in entry["targets"]]
@@ -109,7 +111,7 @@ def is_stream_id(text: str) -> bool:
 def time_of(entry_id: str) -> str:
     """The time an entry was appended (its stream id: Redis' clock), RFC 3339 in UTC."""
     ms = int(entry_id.split("-", 1)[0])
-    return datetime.fromtimestamp(ms // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def _ms(moment: datetime) -> int:
