@@ -283,7 +283,8 @@ class JobStore:
         """What every key of a job starts with: its record, events and cancel mark."""
         return f"{self.prefix}job:"
 
-    def _job_key(self, job_id: str) -> str:
+    def job_key(self, job_id: str) -> str:
+        """Where a job's record is."""
         return f"{self.prefix}job:{job_id}"
 
     def events_key(self, job_id: str) -> str:
@@ -351,7 +352,7 @@ class JobStore:
         idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else None
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
         fleet_key, daemons, chosen = fleet if fleet else (f"{self.prefix}fleet:daemons", "", "")
-        keys = [self._job_key(job["id"]), self.events_key(job["id"]), queue, idem or self._job_key(job["id"]) + ":no-idem",
+        keys = [self.job_key(job["id"]), self.events_key(job["id"]), queue, idem or self.job_key(job["id"]) + ":no-idem",
                 fleet_key, *self._indexes(job)]
         args = [record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
                 str(ttl), f"{job['id']} {request_hash}", str(daemons), chosen]
@@ -369,7 +370,7 @@ class JobStore:
             pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        key = self._job_key(job_id)
+        key = self.job_key(job_id)
         raw = self.redis.get(key) if self.cache is None else self.cache.get(key, lambda: self.redis.get(key))
         return load_record(raw) if raw else None
 
@@ -378,10 +379,10 @@ class JobStore:
         indexes when its state changed. False when the stored job had already ended (cancelled
         by a caller, say) or expired: nothing was written."""
         job["updated_at"] = utcnow()
-        idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self._job_key(job["id"]) + ":no-idem"
+        idem = self.idempotency_key(job.get("client") or "", job["idempotency_key"]) if job.get("idempotency_key") else self.job_key(job["id"]) + ":no-idem"
         record = _dumps(job)
         result = self._save(
-            keys=[self._job_key(job["id"]), self.events_key(job["id"]), idem, self.webhooks_key],
+            keys=[self.job_key(job["id"]), self.events_key(job["id"]), idem, self.webhooks_key],
             args=[record, job["state"], job["kind"], self.prefix, job["id"], event, self.retention_seconds,
                   job.get("client") or "", EVENTS_AFTER_END_SECONDS,
                   _compact(record) if job["state"] in TERMINAL_STATES else record,
@@ -405,7 +406,7 @@ class JobStore:
             ids = self.redis.zrevrangebylex(index, upper, "-", start=0, num=wanted)
             if not ids:
                 return jobs, None
-            raws = self.redis.mget([self._job_key(i) for i in ids])
+            raws = self.redis.mget([self.job_key(i) for i in ids])
             expired = [i for i, raw in zip(ids, raws) if raw is None]
             if expired:  # finished jobs past retention: forget them in the indexes
                 self._unindex(expired, client)
@@ -433,7 +434,7 @@ class JobStore:
 
     def delete(self, job: dict[str, Any]) -> None:
         pipe = self.redis.pipeline()
-        pipe.delete(self._job_key(job["id"]), self.events_key(job["id"]))
+        pipe.delete(self.job_key(job["id"]), self.events_key(job["id"]))
         for key in self._indexes(job):
             pipe.zrem(key, job["id"])
         pipe.execute()
@@ -499,7 +500,7 @@ class JobStore:
         """Cancel a job: ``("cancelled", job)`` when it had not started (it never will run),
         ``("requested", job)`` when it is running (its worker stops it), ``("finished", job)``
         when it had already ended, ``("missing", None)``."""
-        key = self._job_key(job_id)
+        key = self.job_key(job_id)
         with self.redis.pipeline() as pipe:
             while True:
                 try:

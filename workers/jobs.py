@@ -25,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from service import errors
 from service.artifacts import has_upload
-from service.jobstore import TERMINAL_STATES, utcnow
+from service.jobstore import TERMINAL_STATES, load_record, utcnow
 from service.queue import DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue
 from service.routing import needs_daemon, queue_for
 
@@ -65,11 +65,19 @@ class Guard:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"guard-{job_id[:8]}", daemon=True)
 
-    def acquire(self) -> bool:
-        if not self.leases.take(self.deps.store.job_lock_key(self.job_id)):
-            return False
+    def acquire(self) -> tuple[bool, dict[str, Any] | None]:
+        """Take the job's lock and, in the same round trip, read its record (current: nobody
+        else runs the job) and clear its re-enqueued mark (taken: if this worker dies too, the
+        supervisor re-enqueues it again; a duplicate delivery that finds the lock taken clears a
+        mark the taker has cleared already). Whether the lock was taken, and the record."""
+        store = self.deps.store
+        taken, (_, raw) = self.leases.take_with(
+            store.job_lock_key(self.job_id),
+            lambda pipe: pipe.delete(store.requeued_key(self.job_id)).get(store.job_key(self.job_id)))
+        if not taken:
+            return False, None
         self._thread.start()
-        return True
+        return True, load_record(raw) if raw else None
 
     def release(self) -> None:
         self._stop.set()
@@ -172,14 +180,13 @@ def serves(queue: str, daemon: str | None) -> bool:
 
 
 def run(job_id: str, deps: Deps) -> None:
-    # The lock first, then the record: one read, and it is current (nobody else runs the job).
+    # The lock, then the record: one round trip (Guard.acquire).
     guard = Guard(deps, job_id)
-    if not guard.acquire():
+    taken, job = guard.acquire()
+    if not taken:
         log.info("job is running elsewhere; ignoring a duplicate delivery", extra={"job_id": job_id})
         return
     try:
-        deps.redis.delete(deps.store.requeued_key(job_id))  # taken: if this worker dies too, re-enqueue again
-        job = deps.store.get(job_id)
         if job is None:
             log.warning("job is not in the store (expired?); dropping the message", extra={"job_id": job_id})
             return

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
+from typing import Any, Callable
 
 import redis
 from redis.lock import Lock
@@ -35,6 +37,23 @@ class Leases:
         with self._mutex:
             self._held[key] = lock
         return True
+
+    def take_with(self, key: str, also: Callable[[redis.client.Pipeline], Any]) -> tuple[bool, list[Any]]:
+        """``take(key)`` and, in the same round trip, the commands ``also`` puts on the pipeline
+        after it (they run whether or not the lease was taken): whether it was, and their answers.
+        The lease is redis-py's Lock as ``take`` makes it, with the token it would choose."""
+        token = uuid.uuid1().hex.encode()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, token, nx=True, px=int(self.ttl * 1000))
+        also(pipe)
+        taken, *answers = pipe.execute()
+        if not taken:
+            return False, answers
+        lock = self.client.lock(key, timeout=self.ttl, thread_local=False)
+        lock.local.token = token
+        with self._mutex:
+            self._held[key] = lock
+        return True, answers
 
     def give_back(self, key: str) -> None:
         with self._mutex:
