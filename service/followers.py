@@ -9,8 +9,12 @@ of them has reached, and hands each event to the followers that have not seen it
 never misses an event: it subscribes at the last event it sent, and the reader reads each job's
 stream from the lowest of its followers' positions.
 
-The reader blocks at most ``BLOCK_MS`` so that a new job's stream joins the read within that
-time; it stops when the last follower leaves and starts again with the next. When Redis fails
+A new follower wakes the reader, which is blocked in an ``XREAD`` of the other followers'
+streams (or of its own job's, from a later position): it adds an entry to the process' wake stream, which every read includes
+(read from the last entry the reader saw, so a wake-up sent before the read began still wakes
+it). The new follower joins the next read at once; before, it waited for the read to time out
+(``BLOCK_MS``), and a short job could end unseen for up to that long. The reader stops when the
+last follower leaves and starts again with the next. When Redis fails
 the read, every follower's wait raises the error (its stream ends cleanly; the client resumes
 with ``Last-Event-ID``), and the next follower starts a new reader.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections import deque
 from typing import Any
 
@@ -29,8 +34,9 @@ from .jobstore import client_like
 
 log = logging.getLogger(__name__)
 
-BLOCK_MS = 100  # how long a new job's first follower may wait before its stream joins the read
+BLOCK_MS = 100  # how long a read waits (a new follower wakes it sooner)
 COUNT = 100  # events per stream per read
+WAKE_TTL_SECONDS = 300  # a process' wake stream outlives its last use by this
 
 
 def _position(event_id: str) -> tuple[int, int]:
@@ -80,17 +86,37 @@ class Followers:
         self._reader: threading.Thread | None = None
         self._pid = os.getpid()
         self._client: redis.Redis | None = None
+        self._new_wake_stream()
+
+    def _new_wake_stream(self) -> None:
+        self._wake_key = f"{self.store.prefix}followers:wake:{uuid.uuid4().hex}"
+        self._wake_seen = "0-0"
 
     def subscribe(self, job_id: str, after: str) -> Subscription:
         sub = Subscription(job_id, after)
         with self._lock:
             if self._pid != os.getpid():  # a forked process: start afresh, nothing is shared
                 self._by_job, self._reader, self._client, self._pid = {}, None, None, os.getpid()
+                self._new_wake_stream()
             self._by_job.setdefault(job_id, set()).add(sub)
-            if self._reader is None or not self._reader.is_alive():
+            reading = self._reader is not None and self._reader.is_alive()
+            if not reading:
                 self._reader = threading.Thread(target=self._read, name="imagepub-followers", daemon=True)
                 self._reader.start()
+        if reading:  # a new stream, or an older position in one: the read in progress has neither
+            self._wake()
         return sub
+
+    def _wake(self) -> None:
+        """Wake the reader from its read, so that the next one includes the new stream. If this
+        fails, the stream joins when the read times out (``BLOCK_MS``)."""
+        try:
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.expire(self._wake_key, WAKE_TTL_SECONDS)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("live event streams: could not wake the reader (%s)", exc.__class__.__name__)
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
@@ -119,6 +145,7 @@ class Followers:
                     return
                 jobs = {self.store.events_key(job_id): job_id for job_id in self._by_job}
                 streams = {key: min((s.after for s in self._by_job[job_id]), key=_position) for key, job_id in jobs.items()}
+                streams[self._wake_key] = self._wake_seen
             try:
                 answer = self._redis().xread(streams, count=COUNT, block=self.block_ms)
             except redis.RedisError as exc:
@@ -134,6 +161,9 @@ class Followers:
 
     def _hand(self, jobs: dict[str, str], read_from: dict[str, str], answer: list[Any]) -> None:
         for key, entries in answer:
+            if key == self._wake_key:  # woken: the next read has the new streams
+                self._wake_seen = entries[-1][0]
+                continue
             start = _position(read_from[key])
             with self._lock:
                 # a follower that joined during the read with an older position gets its events

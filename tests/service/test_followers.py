@@ -76,6 +76,22 @@ def test_every_follower_gets_every_event_after_its_own(store):
     assert _collect(again, 1) == _ids(store, second["id"])[-1:]
 
 
+def test_a_new_follower_wakes_the_read_in_progress(store):
+    followers = Followers(store, block_ms=10_000)  # a read that would wait 10 s for the first job's events
+    first, second = _job(store), _job(store)
+    followers.subscribe(first["id"], _ids(store, first["id"])[-1])
+    time.sleep(0.3)  # the reader is blocked on the first job's stream alone
+
+    joined = followers.subscribe(second["id"], _ids(store, second["id"])[-1])
+    second["state"] = "succeeded"
+    store.save(second, event="state")
+    assert _collect(joined, 1, timeout=3) == _ids(store, second["id"])[-1:]
+
+    time.sleep(0.3)  # blocked again, now past the second job's last event
+    behind = followers.subscribe(second["id"], _ids(store, second["id"])[0])  # resumes from its first event
+    assert _collect(behind, 1, timeout=3) == _ids(store, second["id"])[1:]
+
+
 def test_a_redis_that_fails_the_read_ends_every_stream(store):
     dead = JobStore(redis.Redis(port=free_port(), decode_responses=True, socket_connect_timeout=1))
     followers = Followers(dead)
