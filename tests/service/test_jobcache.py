@@ -168,3 +168,45 @@ def test_a_redis_that_refuses_tracking_leaves_every_read_to_redis(own_redis, cap
     assert [cache.get(KEY, reads) for _ in range(3)] == ["queued"] * 3
     assert reads.count == 3
     assert "job cache off" in caplog.text
+
+
+def test_no_read_that_begins_after_a_write_was_acknowledged_returns_what_it_replaced(cache, redis_client, redis_url):
+    """Readers on threads, a writer moving the records on: a read that began after a write was
+    acknowledged to its writer returns that write or a later one, never an older value. (A worker
+    saves a job, a pipeline learns of it through the live stream, then reads the job.)"""
+    import random
+    import threading
+
+    keys = [f"cachetest:job:{i}" for i in range(8)]
+    writer = redis.Redis.from_url(redis_url, decode_responses=True)
+    acknowledged = {key: 0 for key in keys}  # the newest version a writer's SET returned for
+    for key in keys:
+        writer.set(key, "0")
+    stale: list[tuple[str, int, int]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        rng = random.Random()
+        while not stop.is_set():
+            key = rng.choice(keys)
+            floor = acknowledged[key]
+            value = int(cache.get(key, lambda k=key: redis_client.get(k)))
+            if value < floor:
+                stale.append((key, value, floor))
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    deadline = time.monotonic() + 3
+    version = 0
+    while time.monotonic() < deadline:
+        version += 1
+        key = random.choice(keys)
+        writer.set(key, str(version))
+        acknowledged[key] = version
+        time.sleep(random.choice((0, 0.0005, 0.002)))
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert version > 500 and cache.size > 0
+    assert stale == []
