@@ -32,6 +32,11 @@ secure_scheme_headers = {}
 # keep it in /tmp, one per server (this file is read by the arbiter), so that two servers on one
 # host never take each other's socket.
 control_socket = f"/tmp/imagepub-gunicorn-{os.getpid()}.ctl"
+# Each worker proves it is alive by touching a file every second (os.fchmod), in its event loop:
+# on a disk-backed /tmp that call can block for as long as the disk stalls, and with it every
+# request of the process (gunicorn's docs, "Blocking OS calls"). Kept in memory where there is a
+# tmpfs (/dev/shm: every Linux host, Docker and Kubernetes give one).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 # Logs go to stderr as JSON lines: the access log included.
 accesslog = "-"
 errorlog = "-"

@@ -729,8 +729,15 @@ class Stack:
         Defaults: for ``ecr_host`` -> TLS to ``ecr_ip:443`` verified against ``ecr_ca``
         with AWS credentials; for ``auth_registry`` -> the stack's credentials.
         """
-        r = self.registry_request("HEAD", host, f"/v2/{repository}/manifests/{tag}", auth=auth,
-                                  tls=tls, ip=ip, headers={"Accept": MANIFEST_ACCEPT})
+        for attempt in range(4):
+            r = self.registry_request("HEAD", host, f"/v2/{repository}/manifests/{tag}", auth=auth,
+                                      tls=tls, ip=ip, headers={"Accept": MANIFEST_ACCEPT})
+            # the registry (distribution 2.8, filesystem storage) has answered a 500 now and then
+            # while other pushes of the same image to the same repository were writing (seen in
+            # tests/e2e/test_fleet.py's 20 at once); asked again, it answers
+            if r.status < 500 or attempt == 3:
+                break
+            time.sleep(0.2)
         if r.status == 404:
             return None
         if r.status != 200:

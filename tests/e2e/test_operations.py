@@ -25,7 +25,25 @@ def value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _stacks_of(service, stack) -> str:
+    """What every process of the API is doing (py-spy, when installed), and its log's end: a
+    liveness failure says why."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    arbiter = stack.proc(f"{service.name}-api").pid
+    pids = [arbiter, *map(int, subprocess.run(["pgrep", "-P", str(arbiter)], capture_output=True, text=True).stdout.split())]
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    dumps = [subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+             if Path(spy).exists() else f"(py-spy not installed: no stacks of {pid})" for pid in pids]
+    return "\n".join(dumps) + "\n--- API log ---\n" + stack.log(f"{service.name}-api")[-6000:]
+
+
 def test_readyz_follows_redis_and_workers(api, stack, service):
+    import requests
+
     ready = api.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["workers"]["live"] >= 1
@@ -35,7 +53,11 @@ def test_readyz_follows_redis_and_workers(api, stack, service):
         down = api.get("/readyz")
         assert down.status_code == 503
         assert down.json()["checks"]["redis"]["ok"] is False and down.json()["status"] == "unavailable"
-        assert api.get("/healthz").status_code == 200  # alive, just not ready
+        try:
+            alive = api.http.get(api.base_url + "/healthz", timeout=10)
+        except requests.Timeout:
+            raise AssertionError("/healthz did not answer within 10 s while Redis was down:\n" + _stacks_of(service, stack)) from None
+        assert alive.status_code == 200  # alive, just not ready
     finally:
         stack.start_redis()
     deadline = time.monotonic() + 30
