@@ -38,6 +38,8 @@ from collections import OrderedDict
 from typing import Callable
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ BACKLOG_MESSAGES = 400
 
 
 class JobCache:
-    """Values of keys under ``prefix`` (strings, or None for a missing key is never kept), read
-    through :meth:`get`."""
+    """Values of keys under ``prefix``, read through :meth:`get` (a missing key, None, is never
+    kept)."""
 
     def __init__(self, client: redis.Redis, prefix: str, *, max_entries: int = MAX_ENTRIES):
         self._pool = client.connection_pool
@@ -104,7 +106,7 @@ class JobCache:
 
     def _done_fetching(self, key: str, value: str | None, seen: int, epoch: int) -> None:
         with self._lock:
-            listening = self._listening()  # first: what Redis said while the fetch was out
+            listening = self._listening(connect=False)  # first: what Redis said while the fetch was out
             state = self._fetching[key]
             state[0] -= 1
             if state[0] == 0:
@@ -121,14 +123,15 @@ class JobCache:
 
     # --- the listener (called with the lock held) ---
 
-    def _listening(self) -> bool:
-        """Read what Redis sent without waiting, ping now and then; whether the cache may serve."""
+    def _listening(self, connect: bool = True) -> bool:
+        """Read what Redis sent without waiting, ping now and then; whether the cache may serve.
+        Without a listener, subscribe one if ``connect`` (at most every ``RETRY_SECONDS``)."""
         now = time.monotonic()
         if self._listener is not None and self._listener_pid != os.getpid():
             self._listener = None  # the parent's, inherited by a fork: never read it here
             self._forget_all()
         if self._listener is None:
-            if self._refused or now < self._retry_at:
+            if self._refused or not connect or now < self._retry_at:
                 return False
             self._retry_at = now + RETRY_SECONDS
             try:
@@ -156,7 +159,9 @@ class JobCache:
         return now - self._pong_at < HEALTHY_SECONDS
 
     def _subscribe(self) -> None:
-        kwargs = {**self._pool.connection_kwargs, "health_check_interval": 0}
+        # no retries of its own: a Redis that does not answer is tried again RETRY_SECONDS later,
+        # and the request that tried reads Redis as if there were no cache
+        kwargs = {**self._pool.connection_kwargs, "health_check_interval": 0, "retry": Retry(NoBackoff(), 0)}
         listener = self._pool.connection_class(**kwargs)
         self._listener, self._listener_pid = listener, os.getpid()
         listener.connect()
@@ -172,6 +177,7 @@ class JobCache:
         self._pong_at = self._pinged_at = time.monotonic()
 
     def _handle(self, message: list) -> None:
+        message = [part.decode() if isinstance(part, bytes) else part for part in message[:2]] + message[2:]
         kind = message[0]
         if kind == "pong":
             self._pong_at = time.monotonic()
@@ -181,6 +187,7 @@ class JobCache:
                 self._forget_all()
                 return
             for key in keys:
+                key = key.decode() if isinstance(key, bytes) else key
                 self._entries.pop(key, None)
                 state = self._fetching.get(key)
                 if state is not None:
