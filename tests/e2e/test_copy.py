@@ -410,7 +410,8 @@ def test_credentials_stay_in_a_private_file_for_the_job_only(api, stack, slow, s
     while time.monotonic() < deadline and api.get(f"/v1/jobs/{job['id']}").json()["state"] not in {"succeeded", "failed"}:
         seen_commands += _skopeo_commands(pids)
         for session in _sessions(stack, pids):
-            with contextlib.suppress(OSError):  # a session may end between listing and reading it
+            # a session may end between listing and reading it, and a file be read while written
+            with contextlib.suppress(OSError, ValueError):
                 seen_files[session] = stat.S_IMODE(session.stat().st_mode)
                 for path in session.glob("auth-*.json"):
                     seen_files[path] = stat.S_IMODE(path.stat().st_mode)
