@@ -253,8 +253,11 @@ class AuditLog:
     def page(self, query: Query, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Entries matching ``query``, newest first, and the cursor of the next page (None at
         the end). A page reads at most SCAN_LIMIT entries: it may hold fewer than ``limit``."""
-        if cursor == "0-0":  # nothing comes before the first possible id
-            return [], None
+        if cursor is not None:
+            ms, seq = (int(part) for part in cursor.split("-"))
+            if ms == seq == 0:  # nothing comes before the first possible id, however it is written
+                return [], None
+            cursor = f"{ms}-{seq}"
         upper = f"({cursor}" if cursor else (str(_ms(query.until)) if query.until else "+")
         lower = str(_ms(query.since)) if query.since else "-"
         found: list[dict[str, Any]] = []

@@ -15,6 +15,7 @@ trouble, goes to Flask untouched, which answers it with its errors and records.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Callable, Iterable
 
@@ -23,6 +24,8 @@ from flask import Flask
 from . import request_ids
 from .jobstore import is_job_id
 from .views import may_see, note_waiting
+
+log = logging.getLogger(__name__)
 
 PATH = re.compile(r"/v1/jobs/([0-9a-f-]{36})")
 
@@ -41,7 +44,11 @@ class JobReads:
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if self.enabled and environ.get("REQUEST_METHOD") == "GET":
             match = PATH.fullmatch(environ.get("PATH_INFO", ""))
-            body = self._answer(environ, match[1]) if match else None
+            try:
+                body = self._answer(environ, match[1]) if match else None
+            except Exception as exc:  # whatever it is, Flask meets it again and answers it (and logs it)
+                log.warning("job read left to Flask: %s", exc.__class__.__name__, extra={"path": environ.get("PATH_INFO")})
+                body = None
             if body is not None:
                 start_response("200 OK", [
                     ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
