@@ -38,7 +38,7 @@ import re
 import time
 import weakref
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Iterator
 

@@ -19,9 +19,11 @@ import logging
 import re
 from typing import Any, Callable, Iterable
 
+import redis
 from flask import Flask
 
 from . import request_ids
+from .errors import ImagepubError
 from .jobstore import is_job_id
 from .views import may_see, note_waiting
 
@@ -46,7 +48,7 @@ class JobReads:
             match = PATH.fullmatch(environ.get("PATH_INFO", ""))
             try:
                 body = self._answer(environ, match[1]) if match else None
-            except Exception as exc:  # whatever it is, Flask meets it again and answers it (and logs it)
+            except Exception as exc:  # anything unforeseen: Flask meets it again, answers it and logs it
                 log.warning("job read left to Flask: %s", exc.__class__.__name__, extra={"path": environ.get("PATH_INFO")})
                 body = None
             if body is not None:
@@ -63,7 +65,7 @@ class JobReads:
         try:
             client = self.authenticator.authenticate(environ.get("HTTP_AUTHORIZATION"))
             job = self.store.get(job_id)
-        except Exception:  # Flask answers it again: its 401, its 503 with Retry-After
+        except (ImagepubError, redis.RedisError):  # Flask answers it again: its 401, its 503 with Retry-After
             return None
         if job is None or not may_see(client, job):
             return None

@@ -285,14 +285,14 @@ class JobStore:
 
     def job_key(self, job_id: str) -> str:
         """Where a job's record is."""
-        return f"{self.prefix}job:{job_id}"
+        return f"{self.job_prefix}{job_id}"
 
     def events_key(self, job_id: str) -> str:
         """The stream of a job's snapshots (service/followers.py reads many at once)."""
-        return f"{self.prefix}job:{job_id}:events"
+        return f"{self.job_prefix}{job_id}:events"
 
     def cancel_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:cancel"
+        return f"{self.job_prefix}{job_id}:cancel"
 
     def job_lock_key(self, job_id: str) -> str:
         """The lock a running job's worker holds (and keeps alive); the supervisor takes a
@@ -302,7 +302,7 @@ class JobStore:
     def requeued_key(self, job_id: str) -> str:
         """Set while a job whose worker died waits, re-enqueued, for a worker to take it: the
         supervisor enqueues it once, not at every scan (its daemon may be down for long)."""
-        return f"{self.prefix}job:{job_id}:requeued"
+        return f"{self.job_prefix}{job_id}:requeued"
 
     def repository_lock_key(self, repository_ref: str) -> str:
         """The lease a job holds while it tags and pushes to ``host/repository`` (one at a time,
@@ -445,7 +445,7 @@ class JobStore:
     # --- build contexts, from the API to whichever worker runs the build ---
 
     def _context_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:context"
+        return f"{self.job_prefix}{job_id}:context"
 
     def put_context(self, job_id: str, data: bytes) -> None:
         # bytes through a client that decodes replies: written here, read back raw by workers

@@ -31,12 +31,7 @@ class Leases:
 
     def take(self, key: str) -> bool:
         """Take ``key`` if nobody holds it; True when this job now holds it."""
-        lock = self.client.lock(key, timeout=self.ttl, thread_local=False)
-        if not lock.acquire(blocking=False):
-            return False
-        with self._mutex:
-            self._held[key] = lock
-        return True
+        return self.take_with(key, lambda pipe: None)[0]
 
     def take_with(self, key: str, also: Callable[[redis.client.Pipeline], Any]) -> tuple[bool, list[Any]]:
         """``take(key)`` and, in the same round trip, the commands ``also`` puts on the pipeline

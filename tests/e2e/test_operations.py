@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import redis
+import requests
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,11 +33,6 @@ def value(samples, name, **labels) -> float:
 def _stacks_of(service, stack) -> str:
     """What every process of the API is doing (py-spy, when installed), and its log's end: a
     liveness failure says why."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     arbiter = stack.proc(f"{service.name}-api").pid
     pids = [arbiter, *map(int, subprocess.run(["pgrep", "-P", str(arbiter)], capture_output=True, text=True).stdout.split())]
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -42,8 +42,6 @@ def _stacks_of(service, stack) -> str:
 
 
 def test_readyz_follows_redis_and_workers(api, stack, service):
-    import requests
-
     ready = api.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["workers"]["live"] >= 1
