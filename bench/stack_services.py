@@ -56,11 +56,11 @@ def gunicorn_defaults() -> dict[str, Any]:
             "worker_connections": gunicorn_conf.worker_connections}
 
 
-def _wait_http(url: str, what: str, stack, log_name: str, timeout: float = 60) -> None:
+def _wait_http(url: str, what: str, stack, log_name: str, timeout: float = 60, status: int = 200) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url, timeout=2).status_code == status:
                 return
         except requests.RequestException:
             pass
@@ -133,14 +133,17 @@ class Hello:
     by default with its worker class and connections, or with another class (``gthread``, its
     threads) so that the faster of the two is the baseline."""
 
-    def __init__(self, stack, worker_class: str | None = None, threads: int = 4):
+    app, status = "bench.hello:app", 200
+
+    def __init__(self, stack, worker_class: str | None = None, threads: int = 4, env: dict[str, str] | None = None):
         self.stack = stack
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = gunicorn_defaults()
         self.worker_class = worker_class or self.settings["worker_class"]
         self.threads = threads
-        self.name = "hello" if worker_class is None else f"hello-{worker_class}"
+        self.env = env
+        self.name = self.app.split(".")[1].split(":")[0] + ("" if worker_class is None else f"-{worker_class}")
 
     @property
     def description(self) -> str:
@@ -154,8 +157,8 @@ class Hello:
                  else ["--worker-connections", str(s["worker_connections"])])
         self.stack.spawn(self.name, [sys.executable, "-m", "gunicorn", "--chdir", str(REPO), "--worker-class", self.worker_class,
                                      "--workers", str(s["workers"]), *shape, "--no-control-socket",
-                                     "--bind", f"127.0.0.1:{self.port}", "bench.hello:app"])
-        _wait_http(self.url + "/", f"hello-world gunicorn ({self.worker_class})", self.stack, self.name)
+                                     "--bind", f"127.0.0.1:{self.port}", self.app], env=self.env)
+        _wait_http(self.url + "/", f"{self.app} under gunicorn ({self.worker_class})", self.stack, self.name, status=self.status)
         return self
 
     @property
@@ -164,6 +167,20 @@ class Hello:
 
     def stop(self) -> None:
         self.stack.stop(self.name)
+
+
+class Floor(Hello):
+    """bench/floor.py (a submission's storage and nothing else) under gunicorn as the API runs,
+    against the Redis database and configuration of ``svc``."""
+
+    app, status = "bench.floor:app", 202
+
+    def __init__(self, stack, svc: "Imagepub", body: str):
+        super().__init__(stack, env={**svc.env, "GUNICORN_CMD_ARGS": None, "BENCH_TOKEN": TOKEN, "BENCH_BODY": body})
+
+    @property
+    def description(self) -> str:
+        return f"bench/floor.py, {super().description}"
 
 
 # --- writing finished jobs straight into the store ------------------------------------------------

@@ -26,7 +26,7 @@ from .followers import followers_phase
 from workers.registry_http import ManifestHead
 from .load import WrkResult, merge, wrk
 from .meter import Cost, Meter
-from .stack_services import (REPO, TERMINAL, TOKEN, Hello, Imagepub, auth_headers, cli_env, gunicorn_defaults,
+from .stack_services import (REPO, TERMINAL, TOKEN, Floor, Hello, Imagepub, auth_headers, cli_env, gunicorn_defaults,
                              expire_within, load_finished_jobs, redis_used_memory)
 
 DOCKER = "/usr/bin/docker"
@@ -112,6 +112,7 @@ def http_phase(stack, args, res: Results, log: Log, services: dict[str, Any]) ->
     hello: Hello = services["hello"]
     hello_threads: Hello = services["hello-gthread"]
     empty: Imagepub = services["empty"]
+    floor: Floor = services["floor"]
     full: Imagepub | None = services.get("full")
     body = publish_body(stack)
     body_json = json.dumps(body)
@@ -134,6 +135,8 @@ def http_phase(stack, args, res: Results, log: Log, services: dict[str, Any]) ->
                                                            connections=c, log=log.raw)),
         ("post-empty", empty.api_pid, lambda d: wrk("POST /v1/publish", empty.url + "/v1/publish", script="post.lua",
                                                     env=post_env, duration=d, connections=c, log=log.raw)),
+        ("floor", floor.pid, lambda d: wrk("a submission's storage alone (bench/floor.py)", floor.url + "/v1/publish",
+                                           script="post.lua", env=post_env, duration=d, connections=c, log=log.raw)),
     ]
     if full is not None:
         loads += [
@@ -187,6 +190,10 @@ def http_phase(stack, args, res: Results, log: Log, services: dict[str, Any]) ->
     r_post99, r_get99 = ratio("post-empty", "hello-best", "p99_ms"), ratio("get-empty", "hello-best", "p99_ms")
     res.add("1 submission", "POST /v1/publish throughput", f"{post.rps:,.0f} req/s", f"{hello_r.rps:,.0f} req/s (hello-world)",
             r_post, "≥ 0.50×", r_post >= 0.5)
+    fl, r_floor = m["floor"], ratio("floor", "hello-best")
+    res.add("1 submission", "the floor: a bare WSGI app that only stores a submission, with the service's own script "
+            "(bench/floor.py)", f"{fl.rps:,.0f} req/s", f"{hello_r.rps:,.0f} req/s (hello-world)", r_floor,
+            "— (no front end over this storage can pass it)", None)
     res.add("1 submission", "POST /v1/publish responses not 2xx (incl. socket errors)", f"{post.failures} of {post.requests:,}",
             f"{hello_r.failures} of {hello_r.requests:,}", None, "0", post.failures == 0)
     res.add("2 status", "GET /v1/jobs/{id} throughput", f"{get.rps:,.0f} req/s", f"{hello_r.rps:,.0f} req/s (hello-world)",
@@ -783,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             services["hello"] = Hello(stack).start()
             services["hello-gthread"] = Hello(stack, "gthread").start()
             services["empty"] = Imagepub(stack, "empty", 0).start_api()
+            services["floor"] = Floor(stack, services["empty"], json.dumps(publish_body(stack))).start()
             if "scale" in args.phases:
                 services["full"] = Imagepub(stack, "full", 1).start_api()
 
@@ -797,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             if "followers" in args.phases:
                 log(f"phase followers: {args.followers} SSE followers of {args.follow_jobs} running jobs")
                 phase("followers", followers_phase, stack, args, res, log, services["empty"], publish_body, seed_ids, median)
-        for name in ("hello", "hello-gthread", "empty", "full"):
+        for name in ("hello", "hello-gthread", "empty", "floor", "full"):
             if name in services:
                 services.pop(name).stop()
         if {"jobs", "fresh", "burst", "copy"} & set(args.phases):
