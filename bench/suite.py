@@ -790,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
             services["hello"] = Hello(stack).start()
             services["hello-gthread"] = Hello(stack, "gthread").start()
             services["empty"] = Imagepub(stack, "empty", 0).start_api()
-            services["floor"] = Floor(stack, services["empty"], json.dumps(publish_body(stack))).start()
+            if {"http", "scale"} & set(args.phases):  # the loads' floor (http_phase)
+                services["floor"] = Floor(stack, services["empty"], json.dumps(publish_body(stack))).start()
             if "scale" in args.phases:
                 services["full"] = Imagepub(stack, "full", 1).start_api()
 
