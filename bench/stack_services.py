@@ -5,6 +5,7 @@ writes finished jobs through service.jobstore.JobStore."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import secrets
 import sys
@@ -70,7 +71,27 @@ def _wait_http(url: str, what: str, stack, log_name: str, timeout: float = 60, s
         time.sleep(0.2)
 
 
-class Imagepub:
+class KeptAlive:
+    """A kept-alive connection to a server on ``self.port`` with http.client, what the job phases
+    follow their jobs on (bench/suite.py:follow)."""
+
+    port: int
+    _connection: http.client.HTTPConnection | None = None
+    rested_since = 0.0  # when the connection's last exchange ended (follow sets it)
+
+    def connection(self) -> http.client.HTTPConnection:
+        """Connected before it is used, so that no measured request pays for it, and made anew
+        once it has rested a second: gunicorn closes a connection idle for its keepalive
+        (service/gunicorn_conf.py), and a request sent into that would fail."""
+        if self._connection is None or time.monotonic() - self.rested_since > 1.0:
+            if self._connection is not None:
+                self._connection.close()
+            self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+            self._connection.connect()
+        return self._connection
+
+
+class Imagepub(KeptAlive):
     """``imagepub serve`` (defaults: no --workers) on a Redis database of its own, and on demand
     ``imagepub worker`` (defaults: no --concurrency)."""
 
@@ -181,6 +202,26 @@ class Floor(Hello):
     @property
     def description(self) -> str:
         return f"bench/floor.py, {super().description}"
+
+
+class Handoff(Hello, KeptAlive):
+    """bench/handoff.py: its app under gunicorn as the API runs, and its worker process, on Redis
+    database ``redis_db`` of the stack."""
+
+    app, status = "bench.handoff:app", 200
+
+    def __init__(self, stack, redis_db: int):
+        super().__init__(stack, env={"GUNICORN_CMD_ARGS": None,
+                                     "HANDOFF_REDIS_URL": stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"})
+
+    def start(self) -> "Handoff":
+        super().start()
+        self.stack.spawn(f"{self.name}-worker", [sys.executable, "-m", "bench.handoff", "worker"], env=self.env, cwd=REPO)
+        return self
+
+    def stop(self) -> None:
+        self.stack.stop(f"{self.name}-worker")
+        super().stop()
 
 
 # --- writing finished jobs straight into the store ------------------------------------------------
