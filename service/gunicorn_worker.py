@@ -13,15 +13,20 @@ the application reads when it likes; this module bounds it:
 * a response that starts before its request's body was read to the end closes the connection.
   gunicorn would otherwise read the rest to find the next request, and a fast sender never
   makes a gevent socket wait, so no timeout could stop that read.
+
+And what gunicorn answers itself (a request line or headers past its limits, a request it cannot
+parse, an exception that escaped the application) is problem+json with a stable code, as every
+other answer of the API, instead of gunicorn's HTML page.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
 import gevent
-from gunicorn import glogging
+from gunicorn import glogging, util
 from gunicorn.http.body import LengthReader
 from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import RequestTimeout
@@ -107,8 +112,41 @@ def close_unless_body_read(app: Callable) -> Callable:
     return wsgi
 
 
+# What gunicorn answers itself, before a request reaches the application (gunicorn.workers.base
+# Worker.handle_error): a request line or headers past its limits, a request it cannot parse, an
+# exception that escaped the application. The codes these answers carry.
+GUNICORN_PROBLEMS = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def write_problem(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """``gunicorn.util.write_error``, answering as the API does everywhere else: RFC 9457
+    problem details with a stable ``code`` (gunicorn's own writes an HTML page). Its caller has
+    logged the refusal, or the exception with its traceback."""
+    code = GUNICORN_PROBLEMS.get(status_int, "bad_request")
+    detail = mesg or ("an unexpected error occurred; it has been logged" if status_int >= 500 else reason)
+    body = json.dumps({"type": f"/problems/{code}", "title": reason, "status": status_int, "detail": detail,
+                       "code": code}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 class ApiWorker(GeventWorker):
     """``worker_class`` of ``imagepub serve`` (service/gunicorn_conf.py)."""
+
+    def init_process(self) -> None:
+        # gunicorn's refusals (Worker.handle_error) are written by util.write_error: in this
+        # worker process, ours. Set here, after the fork, so the arbiter is left as it is.
+        util.write_error = write_problem
+        super().init_process()
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:

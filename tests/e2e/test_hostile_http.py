@@ -369,3 +369,55 @@ def test_deeply_nested_json_is_400_invalid_json(api, path):
         assert_conforms("POST", path, resp.status_code, dict(resp.headers), resp.content, "application/problem+json")
         problem = resp.json()
         assert problem["code"] == "invalid_json" and [e["field"] for e in problem["errors"]] == [field_]
+
+
+# --- what gunicorn answers itself ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    # a query past the request line's 8190 bytes (the fuzzer's find: gunicorn's HTML 414)
+    (head("GET", "/v1/jobs?kind=pull" + "&limit=1" * 1100), 414, "uri_too_long"),
+    # more header fields than gunicorn reads, and one field past its size
+    (head("GET", "/v1/jobs", **{f"X_Pad_{i}": "a" for i in range(101)}), 431, "headers_too_large"),
+    (head("GET", "/v1/jobs", X_Pad="a" * 9000), 431, "headers_too_large"),
+    # not HTTP
+    (b"HELLO THERE FRIEND\r\n\r\n", 400, "bad_request"),
+    (b"GET /v1/jobs HTTP/1.1\r\nHost imagepub\r\n\r\n", 400, "bad_request"),
+], ids=["request-line", "header-count", "header-size", "request-line-garbage", "header-garbage"])
+def test_what_gunicorn_refuses_is_problem_json_too(service, request_bytes, status, code):
+    """Refusals made before a request reaches the application are problem+json with a stable
+    code and a status the contract documents for every operation; the connection closes."""
+    sock = connect(service)
+    try:
+        sock.sendall(request_bytes)
+        response, closed = read_response(sock, timeout=10)
+    finally:
+        sock.close()
+    assert response is not None and closed
+    if request_bytes.startswith(b"GET /v1/jobs"):
+        response.problem("GET", "/v1/jobs", status, code)
+    else:  # no operation to hold it to: the problem document itself
+        assert response.status == status and response.headers["content-type"] == "application/problem+json"
+        problem = json.loads(response.body)
+        assert problem["code"] == code and problem["status"] == status and problem["title"], problem
+    assert b"<html" not in response.body.lower()
+
+
+def test_an_exception_that_escapes_the_application_is_a_logged_problem_500():
+    """gunicorn answers 500 itself when the WSGI application raises (it logs the traceback
+    first): that answer too is problem+json, and says nothing of the exception."""
+    from service.gunicorn_worker import write_problem
+
+    ours, theirs = socket.socketpair()
+    try:
+        write_problem(ours, 500, "Internal Server Error", "")
+        ours.close()
+        response, _ = read_response(theirs, timeout=5)
+    finally:
+        theirs.close()
+    assert response is not None and response.status == 500
+    assert response.headers["content-type"] == "application/problem+json" and response.headers["connection"] == "close"
+    assert json.loads(response.body) == {
+        "type": "/problems/internal_error", "title": "Internal Server Error", "status": 500,
+        "detail": "an unexpected error occurred; it has been logged", "code": "internal_error",
+    }

@@ -177,7 +177,9 @@ def test_canary_secrets_never_leak(secured, stack, unique, ecr_api):
 
 
 @pytest.mark.parametrize("selection", [
-    ["--exclude-path", "/v1/build", "--exclude-path", "/v1/publish"],
+    # With some seeds Hypothesis gives up generating valid copy requests (a health check, not a
+    # finding: the cases it does generate all run), so that check is off, as for builds below.
+    ["--exclude-path", "/v1/build", "--exclude-path", "/v1/publish", "--suppress-health-check", "filter_too_much"],
     # A publish's source must also fit Docker's 255 characters as Docker counts them (with the
     # docker.io/library/ it adds to a short name, without the tag and digest): JSON Schema's
     # maxLength cannot count that, so a long schema-valid source is rightly refused (422 on
@@ -197,8 +199,13 @@ def test_schemathesis_finds_nothing(secured, stack, selection):
     """Fuzz every operation of openapi.yaml against the live API: no 5xx, every response
     conforms to the spec, invalid input is rejected with 4xx."""
     schemathesis = Path(sys.executable).parent / "schemathesis"
+    # Invalid data may also be refused before it reaches the API: a request line or headers
+    # past the HTTP server's limits (414, 431, problem+json and documented on every operation).
+    config = stack.tmp / "schemathesis.toml"
+    config.write_text('[checks.negative_data_rejection]\nexpected-statuses = ["400", "401", "403", "404", "405", "406", '
+                      '"409", "414", "415", "422", "428", "429", "431", "5xx"]\n')
     command = [
-        str(schemathesis) if schemathesis.exists() else "schemathesis", "run",
+        str(schemathesis) if schemathesis.exists() else "schemathesis", "--config-file", str(config), "run",
         # the contract as this deployment serves it (its registry names are an enum there)
         secured.api.base_url + "/openapi.yaml",
         "--url", secured.api.base_url,
