@@ -93,13 +93,14 @@ return 1
 """ % EVENTS_MAXLEN
 
 
-# KEYS: job, events, jobs queue, idempotency key (or a dummy), the fleet's daemons hash, then
-# every index the job belongs to (JobStore._indexes). ARGV: record, id, metric field, queue
-# message ('' for none), the idempotency key's lifetime ('' for none) and its binding (``{id}
-# {request hash}``), the number of daemons the placement saw ('' for no check) and the one it
-# chose ('' for none). Nothing is done (0) when the key's claim lapsed and another request bound
-# it meanwhile, nor (2) when the fleet is no longer the one the job was placed in (a per-process
-# view of a second ago: service/fleet.py). One command: the record, its indexes, its first
+# KEYS: job, events, jobs queue, idempotency key (or a dummy), the fleet's daemons hash, the
+# index of queued jobs, then every index the job belongs to (JobStore._indexes). ARGV: record,
+# id, metric field, queue message ('' for none), the idempotency key's lifetime ('' for none)
+# and its binding (``{id} {request hash}``), the number of daemons the placement saw ('' for no
+# check) and the one it chose ('' for none), the most jobs that may be queued ('' for no cap).
+# Nothing is done (0) when the key's claim lapsed and another request bound it meanwhile, nor
+# (2) when the fleet is no longer the one the job was placed in (a per-process view of a second
+# ago: service/fleet.py), nor (3) when the queue is at its cap. One command: the record, its indexes, its first
 # event, the submission counter, the Celery message and the idempotency key's binding for the
 # retention period, together or not at all.
 CREATE = """
@@ -111,8 +112,9 @@ if ARGV[7] ~= '' then
   if tostring(redis.call('HLEN', KEYS[5])) ~= ARGV[7] then return 2 end
   if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[8]) == 0 then return 2 end
 end
+if ARGV[9] ~= '' and redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[9]) then return 3 end
 redis.call('SET', KEYS[1], ARGV[1])
-for i = 6, #KEYS do
+for i = 7, #KEYS do
   redis.call('ZADD', KEYS[i], 0, ARGV[2])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', 'state', 'job', ARGV[1])
@@ -247,11 +249,17 @@ class FleetChanged(Exception):
     """The fleet changed since the per-process view a job was placed with: place it again."""
 
 
+class QueueFull(Exception):
+    """As many jobs as the cap allows are waiting already: nothing was stored."""
+
+
 def created(answer: int, record: str) -> str | None:
-    """What CREATE's answer means: the record stored, None (an idempotency claim lapsed), or
-    FleetChanged."""
+    """What CREATE's answer means: the record stored, None (an idempotency claim lapsed),
+    FleetChanged or QueueFull."""
     if answer == 2:
         raise FleetChanged()
+    if answer == 3:
+        raise QueueFull()
     return record if answer == 1 else None
 
 
@@ -333,19 +341,22 @@ class JobStore:
     # --- records ---
 
     def create(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None,
-               queue: str = JOBS_QUEUE, fleet: tuple[str, int, str] | None = None) -> str | None:
+               queue: str = JOBS_QUEUE, fleet: tuple[str, int, str] | None = None, max_queued: int | None = None) -> str | None:
         """Store a new job, index it, start its event stream and (with ``message``) queue it:
         one atomic script, one round trip (``message`` goes on ``queue``). A job with an ``idempotency_key`` (claimed for a
         moment by ``claim_idempotency_key``) binds it with ``idempotency`` = (request hash,
         lifetime in seconds). With ``fleet`` = (the daemons hash, how many daemons the placement
         saw, the one it chose or ''), nothing is stored unless the fleet is still so: raises
-        FleetChanged. Returns the stored JSON; None (nothing stored) when the claim had lapsed
-        and another request holds the key now."""
-        keys, args, record = self.create_call(job, message, idempotency, queue, fleet)
+        FleetChanged. With ``max_queued``, nothing is stored when that many jobs are queued
+        already, counted in the same step (exact, however many submit at once): raises
+        QueueFull. Returns the stored JSON; None (nothing stored) when the claim had lapsed and
+        another request holds the key now."""
+        keys, args, record = self.create_call(job, message, idempotency, queue, fleet, max_queued)
         return created(self._create(keys=keys, args=args), record)
 
     def create_call(self, job: dict[str, Any], message: str | None = None, idempotency: tuple[str, int] | None = None,
-                    queue: str = JOBS_QUEUE, fleet: tuple[str, int, str] | None = None) -> tuple[list[str], list[str], str]:
+                    queue: str = JOBS_QUEUE, fleet: tuple[str, int, str] | None = None,
+                    max_queued: int | None = None) -> tuple[list[str], list[str], str]:
         """The keys and arguments of ``CREATE`` for :meth:`create` (and for the audit trail's
         create-and-record script, service/audit.py), and the record it stores."""
         record = _dumps(job)
@@ -353,9 +364,9 @@ class JobStore:
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
         fleet_key, daemons, chosen = fleet if fleet else (f"{self.prefix}fleet:daemons", "", "")
         keys = [self.job_key(job["id"]), self.events_key(job["id"]), queue, idem or self.job_key(job["id"]) + ":no-idem",
-                fleet_key, *self._indexes(job)]
+                fleet_key, self.index_key(state="queued"), *self._indexes(job)]
         args = [record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
-                str(ttl), f"{job['id']} {request_hash}", str(daemons), chosen]
+                str(ttl), f"{job['id']} {request_hash}", str(daemons), chosen, "" if max_queued is None else str(max_queued)]
         return keys, args, record
 
     def _count_finished(self, job: dict[str, Any], pipe=None) -> None:

@@ -25,7 +25,7 @@ from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnav
 from .http import ctx, json_body, load, load_query, parse_json
 from .jobs import new_job
 from .routing import queue_for
-from .jobstore import TERMINAL_STATES, FleetChanged, epoch, is_job_id
+from .jobstore import TERMINAL_STATES, FleetChanged, QueueFull, epoch, is_job_id
 from .schemas import ArchivePublishSchema, BuildSchema, CopySchema, JobListQuery, repository_in
 from .uploads import archive_too_large, receive_archive
 from .views_audit import accepted_job
@@ -118,11 +118,17 @@ def _replay(store, bound_id: str, bound_hash: str, request_hash: str) -> Respons
     raise Conflict("a request with this Idempotency-Key is still being processed; retry", code="idempotency_in_progress")
 
 
+def _queue_full(settings) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"{settings.limits.max_queued_jobs} jobs are already waiting; try again shortly", code="queue_full", retry_after=30
+    )
+
+
 def _check_queue_depth(store, settings) -> None:
+    """Before an upload: refused at once when the queue is full (read at most every 100 ms per
+    process). The cap itself is held exactly where the job is stored (JobStore.create)."""
     if store.queue_depth() >= settings.limits.max_queued_jobs:
-        raise ServiceUnavailable(
-            f"{settings.limits.max_queued_jobs} jobs are already waiting; try again shortly", code="queue_full", retry_after=30
-        )
+        raise _queue_full(settings)
 
 
 def _submit(kind: str, normalized: dict[str, Any], daemon: str | None = None, upload: Upload | None = None,
@@ -154,7 +160,6 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
         job.update(upload.fields)
     if daemon is not None:
         job["daemon"] = daemon
-    _check_queue_depth(store, settings)
     if key is not None:
         job["idempotency_key"] = key
         # an uploaded archive is part of the request: the same key with another archive → conflict
@@ -167,13 +172,16 @@ def _store_job(kind: str, normalized: dict[str, Any], daemon: str | None, upload
         # the key's binding outlives the job's retention; shortened to it when the job ends
         route = queue_for(job)
         create = {"job": job, "message": queue.message(job["id"], route), "queue": route, "fleet": fleet,
-                  "idempotency": (request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None}
+                  "idempotency": (request_hash, settings.retention_seconds + 2 * 86400) if key is not None else None,
+                  "max_queued": settings.limits.max_queued_jobs}
         # the job and the audit entry of its acceptance: one script, together or not at all
         entry = accepted_job(job)
         record = ctx()["audit"].create_job(store, entry, **create) if entry is not None else store.create(**create)
-    except FleetChanged:  # nothing was stored; the caller places the job again
+    except (FleetChanged, QueueFull) as exc:  # nothing was stored: placed again by the caller, or refused
         if key is not None:
             store.release_idempotency_key(client, key)
+        if isinstance(exc, QueueFull):
+            raise _queue_full(settings) from None
         raise
     except Exception as exc:  # Redis or the broker refused: take everything back, nothing half-done
         log.error("job not accepted: %s", exc.__class__.__name__, extra={"job_id": job["id"]})

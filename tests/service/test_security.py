@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -116,11 +118,37 @@ def test_queue_depth_cap(settings, redis_client):
     client = CheckedClient(create_app(capped).test_client(), headers=bearer("admin"))
     for _ in range(2):
         assert client.post("/v1/publish", json=GOOD).status_code == 202
-        time.sleep(0.15)  # the depth is read at most every 100 ms per process
     resp = client.post("/v1/publish", json=GOOD)
     problem(resp, 503, "queue_full")
     assert resp.headers["Retry-After"]
     assert len(queued_job_ids(redis_client)) == 2
+    # the cap is counted when a job is stored: room made is room at once
+    job_id = queued_job_ids(redis_client)[0]
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    assert client.post("/v1/publish", json=GOOD).status_code == 202
+
+
+def test_the_queue_cap_holds_when_many_submit_at_once(settings, redis_client):
+    """Twelve submissions at the same moment against room for three: three jobs are stored
+    and queued, nine are refused with nothing stored (each request's idempotency key free
+    again), whichever processes and threads they arrive on."""
+    capped = replace(settings, limits=replace(settings.limits, max_queued_jobs=3))
+    apps = [create_app(capped) for _ in range(2)]  # two API processes' worth of state
+    start = threading.Barrier(12)
+
+    def submit(i: int):
+        client = CheckedClient(apps[i % 2].test_client(), headers={**bearer("admin"), "Idempotency-Key": f"burst-{i}"})
+        start.wait()
+        return client.post("/v1/publish", json=GOOD)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(submit, range(12)))
+    assert sorted(resp.status_code for resp in answers) == [202] * 3 + [503] * 9
+    for resp in answers:
+        if resp.status_code == 503:
+            problem(resp, 503, "queue_full")
+    assert len(queued_job_ids(redis_client)) == 3
+    assert len(redis_client.keys("imagepub:idem:*")) == 3
 
 
 def test_no_clients_and_no_anonymous_refuses_to_start(redis_url):
