@@ -100,9 +100,9 @@ return 1
 # check) and the one it chose ('' for none), the most jobs that may be queued ('' for no cap).
 # Nothing is done (0) when the key's claim lapsed and another request bound it meanwhile, nor
 # (2) when the fleet is no longer the one the job was placed in (a per-process view of a second
-# ago: service/fleet.py), nor (3) when the queue is at its cap. One command: the record, its indexes, its first
-# event, the submission counter, the Celery message and the idempotency key's binding for the
-# retention period, together or not at all.
+# ago: service/fleet.py), nor (3) when the queue is at its cap. One command: the record, its
+# indexes, its first event, the submission counter, the Celery message and the idempotency
+# key's binding for the retention period, together or not at all.
 CREATE = """
 if ARGV[5] ~= '' then
   local bound = redis.call('GET', KEYS[4])
