@@ -383,7 +383,9 @@ def test_deeply_nested_json_is_400_invalid_json(api, path):
     # not HTTP
     (b"HELLO THERE FRIEND\r\n\r\n", 400, "bad_request"),
     (b"GET /v1/jobs HTTP/1.1\r\nHost imagepub\r\n\r\n", 400, "bad_request"),
-], ids=["request-line", "header-count", "header-size", "request-line-garbage", "header-garbage"])
+    # a body in a transfer coding the server does not speak (RFC 9112: 501)
+    (head("GET", "/v1/jobs", Transfer_Encoding="br, chunked"), 501, "not_implemented"),
+], ids=["request-line", "header-count", "header-size", "request-line-garbage", "header-garbage", "transfer-coding"])
 def test_what_gunicorn_refuses_is_problem_json_too(service, request_bytes, status, code):
     """Refusals made before a request reaches the application are problem+json with a stable
     code and a status the contract documents for every operation; the connection closes."""
