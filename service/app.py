@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from . import artifacts
 from . import config as config_module
 from .config import Settings
-from .errors import ImagepubError
+from .errors import UNEXPECTED, ImagepubError, problem_document
 from .fleet import Fleet
 from .followers import Followers
 from .jobcache import JobCache
@@ -39,7 +39,7 @@ PROBLEM = "application/problem+json"
 
 
 def problem(status: int, code: str, title: str, detail: str, **extra) -> Response:
-    body = {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail, "code": code}
+    body = problem_document(status, code, title, detail)
     body.update(extra)
     body.setdefault("instance", request.path)
     g.problem_code = code  # for the audit trail's record of a refused submission (views_audit.py)
@@ -81,7 +81,7 @@ def _render_redis_down(exc: Exception) -> Response:
 
 def _render_unexpected(exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
-    return problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged")
+    return problem(500, "internal_error", "Internal error", UNEXPECTED)
 
 
 def deployment_spec(settings: Settings) -> dict:

@@ -12,6 +12,17 @@ from http import HTTPStatus
 from typing import Any
 
 
+# What a 500 says of itself: nothing of the exception, which is logged.
+UNEXPECTED = "an unexpected error occurred; it has been logged"
+
+
+def problem_document(status: int, code: str, title: str, detail: str) -> dict[str, Any]:
+    """The RFC 9457 problem details every refusal of the API carries, whether Flask answers it
+    (service/app.py) or gunicorn does before a request reaches the application
+    (service/gunicorn_worker.py)."""
+    return {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail, "code": code}
+
+
 class ImagepubError(Exception):
     code = "internal_error"
     status = 500

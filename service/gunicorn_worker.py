@@ -31,6 +31,8 @@ from gunicorn.http.body import LengthReader
 from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import RequestTimeout
 
+from .errors import UNEXPECTED, problem_document
+
 BODY_GRACE_SECONDS = 10.0
 BODY_MIN_RATE = 64 * 1024  # bytes per second, on average, once the grace is spent
 
@@ -131,9 +133,8 @@ def write_problem(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     problem details with a stable ``code`` (gunicorn's own writes an HTML page). Its caller has
     logged the refusal, or the exception with its traceback."""
     code = GUNICORN_PROBLEMS.get(status_int, "bad_request")
-    detail = mesg or ("an unexpected error occurred; it has been logged" if status_int >= 500 else reason)
-    body = json.dumps({"type": f"/problems/{code}", "title": reason, "status": status_int, "detail": detail,
-                       "code": code}).encode()
+    detail = mesg or (UNEXPECTED if status_int >= 500 else reason)
+    body = json.dumps(problem_document(status_int, code, reason, detail)).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + body)
