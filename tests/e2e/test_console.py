@@ -17,7 +17,8 @@ import uuid
 import pytest
 import redis
 import requests
-from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (NoAlertPresentException, NoSuchElementException, StaleElementReferenceException,
+                                        WebDriverException)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
@@ -100,7 +101,20 @@ def wait_for(driver, condition, timeout: float = 20):
     """``condition()`` true within ``timeout``; pages that reload meanwhile (a cancel's redirect,
     a finished job's page) only make it look again."""
     return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(lambda d: condition())
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(
+        lambda d: _across_a_reload(condition))
+
+
+def _across_a_reload(condition):
+    """An element found in the page that is just being replaced is stale. Chromedriver says so
+    with StaleElementReferenceException, or, when the new document wins the race between the
+    find and the read, with an "unknown error" from the inspector: that one is stale too."""
+    try:
+        return condition()
+    except WebDriverException as error:
+        if "does not belong to the document" in (error.msg or ""):
+            raise StaleElementReferenceException(error.msg) from error
+        raise
 
 
 # --- signing in, seeing a job, signing out ----------------------------------------------------
