@@ -34,7 +34,7 @@ from .build_context import (
     UNPACKED_PER_UPLOADED,
 )
 from .config import Client, Limits
-from .dockerfile import ImageUse, Unreadable
+from .dockerfile import ImageUse, RemoteSource, Unreadable
 from .dockerfile import image_uses as dockerfile_image_uses
 from .errors import Forbidden, ValidationFailed
 from .schemas import SOURCE_RE
@@ -136,6 +136,8 @@ def require_build_sources(client: Client, archive: bytes, request: Mapping[str, 
             for use in image_uses(archive, request, limits)
             if (why := refusal(client, use))
         ]
+    except RemoteSource as exc:
+        raise Forbidden(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
     except Unreadable as exc:
         raise ValidationFailed(
             [{"field": exc.field, "message": str(exc)}], "the Dockerfile cannot be read as the Docker daemon will read it",

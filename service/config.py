@@ -193,6 +193,20 @@ class Webhooks:
 
 
 @dataclass(frozen=True)
+class Builds:
+    """How a worker's daemon runs a build's ``RUN`` steps. ``network`` is the Docker network
+    their containers join: ``none`` (the default: a loopback of their own, nothing else), or a
+    network the operator made for builds and locked down (``docker network create --internal``,
+    or one whose only way out is a proxy), or ``default``/``bridge``, the daemon's own bridge.
+    A tenant's ``RUN`` step runs the tenant's code next to the workers: on a network that reaches
+    Redis, the cloud's metadata service (the node's credentials) or other internal services, it
+    reaches them too. ``host`` (and ``container:…``) would hand it the daemon host's own network,
+    and are refused."""
+
+    network: str = "none"
+
+
+@dataclass(frozen=True)
 class Console:
     """The web console (service/console/): how long a signed-in session lives idle and at most,
     and how many reverse proxies in front of the API may say (``X-Forwarded-Proto``) that the
@@ -269,6 +283,7 @@ class Settings:
     skopeo: SkopeoSettings = field(default_factory=SkopeoSettings)
     artifacts: Artifacts = field(default_factory=Artifacts)
     audit: Audit = field(default_factory=Audit)
+    builds: Builds = field(default_factory=Builds)
 
     def webhook_secret(self) -> str | None:
         """The webhook signing secret, read now from the variable ``webhooks.secret_env`` names."""
@@ -474,6 +489,24 @@ class _AuditSchema(Schema):
     retention_days = fields.Integer(load_default=Audit.retention_days, validate=validate.Range(min=1, max=36500))
 
 
+# A Docker network's name as the daemon takes it (moby's restrictedNamePattern).
+_NETWORK = validate.Regexp(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z",
+                           error="a Docker network's name: letters, digits, '_', '.' or '-' (none, default, bridge or one of yours)")
+
+
+def _not_the_hosts_network(value: str) -> None:
+    if value == "host":
+        raise ValidationError("host would give every build's RUN steps the daemon host's network (its Redis, its "
+                              "metadata service); use none, or a network made for builds")
+
+
+class _BuildsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    network = fields.String(load_default=Builds.network, validate=[_NETWORK, _not_the_hosts_network])
+
+
 class _RetentionSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -511,6 +544,7 @@ class _FileSchema(Schema):
     webhooks = fields.Nested(_WebhooksSchema, load_default=dict)
     retention = fields.Nested(_RetentionSchema, load_default=dict)
     audit = fields.Nested(_AuditSchema, load_default=dict)
+    builds = fields.Nested(_BuildsSchema, load_default=dict)
     artifacts = fields.Nested(_ArtifactsSchema, load_default=lambda: {"type": "directory", "prefix": Artifacts.prefix})
     job_timeout_seconds = fields.Integer(load_default=3600, validate=validate.Range(min=10))
     redis_url = fields.String()
@@ -581,6 +615,7 @@ def parse(document: Mapping[str, Any] | None, environ: Mapping[str, str] | None 
         skopeo=_skopeo(environ),
         artifacts=_artifacts(data["artifacts"]),
         audit=Audit(**data["audit"]),
+        builds=Builds(**data["builds"]),
     )
 
 

@@ -20,6 +20,12 @@ follows what it does (moby ``builder/dockerfile``, its parser from moby/buildkit
   earlier stage's name, a stage index, or an image. ``ADD --from`` is read the same way,
   although the legacy builder refuses it.
 
+An ``ADD`` whose source is a URL makes the daemon download it, itself, from its own network
+(the host's, whatever network the build's ``RUN`` steps are given): the cloud's metadata
+service and every internal address are in reach, and what it fetches lands in the image. Such
+a source is refused (:class:`RemoteSource`), and so is a source that a variable gives, which may
+be one: in the Dockerfile, in its ONBUILD triggers and in a base image's.
+
 Where Docker versions read a Dockerfile differently, or where a name cannot be resolved without
 the daemon, :class:`Unreadable` is raised rather than a guess: parser directives after one that
 only newer versions know (``# check=``), an escape token escaped at the end of a line (newer
@@ -35,6 +41,7 @@ The words of an instruction are split and processed in ``service/dockerfile_word
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +76,12 @@ class Unreadable(ValueError):
     def __init__(self, message: str, field: str = "dockerfile"):
         super().__init__(message)
         self.field = field
+
+
+class RemoteSource(ValueError):
+    """An ``ADD`` that would make the daemon download a URL (or might: a source from a variable)."""
+
+    field = "dockerfile"
 
 
 @dataclass(frozen=True)
@@ -253,6 +266,8 @@ def _trigger_from_values(text: str, number: int) -> list[str]:
         if keyword in ("from", "onbuild"):
             raise Unreadable(f"line {number}: an ONBUILD trigger may not be {keyword.upper()}")
         if keyword in ("copy", "add"):
+            if keyword == "add":
+                _refuse_remote_sources(rest, "\\", number, "ONBUILD ADD")
             values += _from_values(rest)
     return values
 
@@ -266,6 +281,61 @@ def _triggered(triggers: Sequence[tuple[int, list[str]]], earlier: tuple[str, ..
         for value in values
         if value and _stage(value, earlier) is None and not _is_index(value)
     ]
+
+
+# What the builder's ADD downloads (moby urlutil.IsURL, read here in any case).
+_URL_SCHEMES = ("http://", "https://")
+
+
+class _EveryName(Mapping):
+    """An environment where every variable is set: a word that reads differently in it than in
+    an empty one takes something from a variable."""
+
+    def __getitem__(self, name: str) -> Value:
+        return ("\0", ())
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _add_sources(rest: str) -> set[str]:
+    """The sources of an ADD as each generation of parsers splits them: after the flags (with
+    ``--flag value`` or without), the JSON form's strings, or else the words split at spaces
+    (the parser's parseMaybeJSONToList: quotes do not hold a space there), all but the last.
+    Each is then processed as a shell word, as the builder expands it."""
+    sources: set[str] = set()
+    for flag_values in (False, True):
+        args = builder_flags(rest, flag_values=flag_values)[1].strip(GO_SPACE)
+        words = None
+        if args.startswith("["):
+            try:
+                words = json.loads(args)
+            except ValueError:
+                pass
+        if not (isinstance(words, list) and all(isinstance(word, str) for word in words)):
+            words = [word for word in re.split(f"[{GO_SPACE}]+", args) if word]
+        sources.update(words[:-1])
+    return sources
+
+
+def _refuse_remote_sources(rest: str, escape: str, number: int, instruction: str = "ADD") -> None:
+    for word in sorted(_add_sources(rest)):
+        try:
+            plain, read = process_word(word, {}, escape)[0], process_word(word, _EveryName(), escape)[0]
+        except WordRefused as exc:
+            raise Unreadable(f"line {number}: {exc}") from None
+        if plain.lower().startswith(_URL_SCHEMES):
+            raise RemoteSource(f"line {number}: {instruction} {plain}: the daemon would download it itself, on its own "
+                               "network; put the file in the context")
+        if plain != read:
+            raise RemoteSource(f"line {number}: {instruction} {word}: a source from a variable may be a URL, which the "
+                               "daemon would download itself; name the file in the context")
 
 
 def _refuse_heredoc(keyword: str, line: str, number: int) -> None:
@@ -295,6 +365,8 @@ class _Reader:
                 raise Unreadable(f"line {number}: {keyword.upper() or 'an empty instruction'} before the first FROM")
             self._meta_arg(number, rest)
         elif keyword in ("copy", "add"):
+            if keyword == "add":
+                _refuse_remote_sources(rest, self.escape, number)
             earlier = [stage.name for stage in self.stages[:-1]]
             for value in _from_values(rest):
                 if value and _stage(value, earlier) is None and not _is_index(value):

@@ -45,7 +45,8 @@ def build(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
     record["log"] = []
     image_id = deps.engine.build(
         context, compressed=compressed, dockerfile=request["dockerfile"], build_args=request.get("build_args") or {},
-        labels={"org.imagepub.job": job["id"]}, tag=f"imagepub-build:{job['id']}", on_line=on_line,
+        labels={"org.imagepub.job": job["id"]}, tag=f"imagepub-build:{job['id']}", network=deps.settings.builds.network,
+        on_line=on_line,
     )
     record["image_id"] = job["source_image_id"] = image_id
     progress.save()

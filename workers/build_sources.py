@@ -19,7 +19,7 @@ from service import errors
 from service.access import client_named, is_admin, may_publish_image
 from service.build_sources import describe, image_uses, refusal
 from service.config import Client
-from service.dockerfile import ImageUse, Unreadable, trigger_uses
+from service.dockerfile import ImageUse, RemoteSource, Unreadable, trigger_uses
 
 if TYPE_CHECKING:
     from .deps import Deps
@@ -51,5 +51,7 @@ def authorise_build_sources(job: dict[str, Any], deps: "Deps", context: bytes) -
     try:
         for use in image_uses(context, job["request"], deps.settings.limits):
             _authorise(client, deps.engine, use)
+    except RemoteSource as exc:  # an ONBUILD ADD of a base image's
+        raise errors.Forbidden(str(exc)) from None
     except Unreadable as exc:
         raise errors.JobFailed(f"{exc.field}: {exc}", code="unreadable_dockerfile") from None

@@ -202,13 +202,14 @@ class DockerEngine:
         return PullResult(digest=digest, image_id=info.id, layers=layers)
 
     def build(self, context: bytes, *, compressed: bool, dockerfile: str, build_args: dict[str, str],
-              labels: dict[str, str], tag: str, on_line: Callable[[str], None]) -> str:
-        """Build from a context archive; every output line goes to ``on_line``. Returns the
-        image id, or raises :class:`~service.errors.BuildFailed` naming the failing step."""
+              labels: dict[str, str], tag: str, network: str, on_line: Callable[[str], None]) -> str:
+        """Build from a context archive, its RUN steps on ``network`` (service.config.Builds);
+        every output line goes to ``on_line``. Returns the image id, or raises
+        :class:`~service.errors.BuildFailed` naming the failing step."""
         stream = self._call(
             "build", self.api.build, fileobj=io.BytesIO(context), custom_context=True,
             encoding="gzip" if compressed else None, dockerfile=dockerfile, buildargs=build_args or None,
-            labels=labels, tag=tag, rm=True, forcerm=True, pull=False, decode=True,
+            labels=labels, tag=tag, network_mode=network, rm=True, forcerm=True, pull=False, decode=True,
         )
         image_id, step = None, None
         try:

@@ -137,6 +137,8 @@ def test_values_match_the_schema(schema, name):
     pytest.param({"config": {"webhooks": {"secret": "inline"}}}, id="inline-webhook-secret"),
     pytest.param({"config": {"clients": [{"name": "ci", "token_sha256": "not-a-hash"}]}}, id="token-hash"),
     pytest.param({"docker": {"mode": "podman"}}, id="docker-mode"),
+    pytest.param({"config": {"builds": {"network": "host"}}}, id="builds-on-the-hosts-network"),
+    pytest.param({"config": {"builds": {"network": "container:dind"}}}, id="builds-in-a-containers-network"),
     pytest.param({"serviceAccount": {"irsaRoleArn": "imagepub-role"}}, id="irsa-arn"),
     pytest.param({"redis": {"url": "http://redis:6379"}}, id="redis-url"),
     pytest.param({"secrets": {"env": {"HUB-PASSWORD": "x"}}}, id="env-name"),

@@ -12,6 +12,7 @@ import tarfile
 
 import pytest
 
+import network_probe
 from service_process import imagepub_command
 
 
@@ -71,6 +72,23 @@ def test_failing_build_names_the_step(api, unique):
     assert re.match(r"Step 3/3 : COPY missing.txt /: COPY failed", job["error"]["message"]), job["error"]
     assert job["attempts"] == 1 and job["targets"][0]["references"] == []
     assert any("missing.txt" in line for line in job["build"]["log"])
+
+
+def test_run_steps_run_on_no_network(api, stack, unique):
+    """A RUN step is a tenant's code next to the workers. By default (``builds.network: none``)
+    it sees a loopback of its own and nothing listening, while the same probe on the daemon
+    host's network sees the stack's Redis. This test daemon runs without a bridge, so its own
+    default network is as bare: tests/service/test_config.py pins the default itself, and
+    test_hostile_tenants.py shows the setting reaching the daemon, with a network of its own."""
+    resp = submit_build(api, network_probe.context(unique), {"targets": [{"registry": "local", "repository": f"built/probe-{unique}", "tags": ["1"]}]})
+    assert resp.status_code == 202, resp.text
+    job = api.wait(resp.json()["id"], timeout=120)
+    assert job["state"] == "succeeded", job
+    docker = stack.docker().api
+    redis_port = int(stack.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    assert redis_port in network_probe.on_the_host(docker, job["build"]["image_id"]).listening_ports  # the probe sees what is there
+    run = network_probe.seen(docker, job["build"]["image_id"])
+    assert run.interfaces == {"lo"} and run.listening_ports == set(), run
 
 
 def _link(name, target, kind=tarfile.SYMTYPE):

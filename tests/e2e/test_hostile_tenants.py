@@ -7,7 +7,7 @@ and sees only those images, and only their names in its repositories, in ``GET /
 
 Clients: ``team-a`` (``team-a/*``), ``team-b`` (``team-b/*``), ``greedy`` (not admin, with
 patterns that reach imagepub's build names and hexadecimal names) and an admin, on a service of
-their own (Redis database 9).
+their own (Redis database 9), whose builds run on a network made for them (``builds.network``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import os
 import re
 import time
 import tarfile
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
 
+import network_probe
 from helpers import assert_conforms
 from service.auth import hash_token
 from service_process import Api, Service, base_config
@@ -58,8 +61,20 @@ class Tenant(Api):
 
 
 @pytest.fixture(scope="module")
-def tenants(stack):
+def builds_network(stack):
+    """A network made for builds (internal: no way out), as an operator would name in
+    ``builds.network``."""
+    docker = stack.docker().api
+    name = f"imagepub-builds-{uuid.uuid4().hex[:8]}"
+    docker.create_network(name, driver="bridge", internal=True)
+    yield name
+    docker.remove_network(name)
+
+
+@pytest.fixture(scope="module")
+def tenants(stack, builds_network):
     config = base_config(stack)
+    config["builds"] = {"network": builds_network}
     del config["auth"]
     config["clients"] = [{"name": name, "token_sha256": hash_token(TOKENS[name]), **rules} for name, rules in CLIENTS.items()]
     svc = Service(stack, config, "tenants", redis_db=9)
@@ -428,3 +443,76 @@ def test_the_admin_builds_from_any_image(tenants, stack, team_b_images, u):
     admin = tenants["admin"]
     dockerfile = f"FROM {team_b_images['pulled']}:1\nCOPY --from={team_b_images['built']}:1 /layer0.bin /copied\n"
     _succeeded(admin, _build(admin, dockerfile, f"team-a/admin-build-{u}"))
+
+
+def test_a_tenants_run_step_is_on_the_network_made_for_builds(tenants, stack, builds_network, u):
+    """A RUN step is the tenant's own code on the workers' daemon: it runs on the network the
+    operator named (its own interface, nothing of the host's listening), never on the host's,
+    where the same probe sees the stack's Redis."""
+    team_b = tenants["team-b"]
+    resp = team_b.http.post(f"{team_b.base_url}/v1/build", timeout=60, files={
+        "request": (None, json.dumps({"targets": [{"registry": "local", "repository": f"team-b/probe-{u}", "tags": ["1"]}]}), "application/json"),
+        "context": ("context.tar", network_probe.context(u), "application/x-tar"),
+    })
+    job = _succeeded(team_b, resp)
+    docker = stack.docker().api
+    image = job["build"]["image_id"]
+    redis_port = int(stack.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    assert redis_port in network_probe.on_the_host(docker, image).listening_ports
+    run = network_probe.seen(docker, image)
+    # on a user-defined network the daemon's own DNS server listens in the step's namespace
+    assert run.interfaces == {"lo", "eth0"} and {ip for ip, _ in run.listeners} <= {"127.0.0.11"}, run
+    network = docker.inspect_network(builds_network)
+    assert network["Internal"] and network["Containers"] == {}  # the step's container is gone with it
+
+
+@pytest.fixture
+def metadata_service():
+    """An HTTP server on the daemon host's loopback that hands out a secret, as a cloud's
+    metadata service hands out the node's credentials; it records every request."""
+    requests_seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            requests_seen.append(self.path)
+            body = b"node-credentials-canary"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests_seen
+    server.shutdown()
+
+
+def test_an_add_the_daemon_would_download_is_refused(tenants, stack, metadata_service, u):
+    """``ADD <url>`` is fetched by the daemon itself, on the host's network whatever network
+    the RUN steps get: a tenant's Dockerfile could bake the node's credentials into its image.
+    Refused at submit (in the Dockerfile) and on the worker (in a base image's ONBUILD
+    triggers); the admin's build, which no rule of the Dockerfile binds, shows the daemon would
+    have fetched it."""
+    url, seen = metadata_service
+    team_a = tenants["team-a"]
+    for dockerfile in (f"FROM scratch\nADD {url}/latest/meta-data/iam/security-credentials/node /creds\n",
+                       f"FROM scratch\nARG U={url}/creds\nADD $U /creds\n"):
+        resp = _build(team_a, dockerfile, f"team-a/creds-{u}")
+        _refused_at_submit(resp, 403, "forbidden", ["dockerfile"])
+        assert re.match(r"line [23]: ADD .*(would download it itself|may be a URL)", resp.json()["errors"][0]["message"]), resp.json()
+
+    base = f"team-a/onbuild-add-{u}"
+    _daemon_build(stack, f"{base}:1", f"FROM scratch\nONBUILD ADD {url}/onbuild /creds\n")
+    resp = _build(team_a, f"FROM {base}:1\nLABEL via=trigger\n", f"team-a/creds-{u}")
+    assert resp.status_code == 202, resp.text  # the API cannot see an image's triggers
+    job = team_a.wait(resp.json()["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "forbidden", job
+    assert "ONBUILD ADD" in job["error"]["message"] and "would download it itself" in job["error"]["message"]
+    _nothing_pushed(stack, f"team-a/creds-{u}")
+    assert seen == []  # nothing was fetched
+
+    admin = _succeeded(tenants["admin"], _build(tenants["admin"], f"FROM scratch\nADD {url}/admin /fetched\n", f"team-a/admin-add-{u}"))
+    assert seen == ["/admin"] and admin["state"] == "succeeded"

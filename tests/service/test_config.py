@@ -45,6 +45,25 @@ def test_defaults_without_a_file():
     assert settings.redis_url == "redis://127.0.0.1:6379/0" and settings.registries == {}
 
 
+def test_builds_run_on_no_network_unless_the_operator_names_one():
+    assert config.load({}).builds.network == "none"  # a tenant's RUN step reaches nothing by default
+    for network in ("none", "default", "bridge", "imagepub-builds", "egress_only.v2"):
+        assert config.parse({"builds": {"network": network}}, {}).builds.network == network
+    with pytest.raises(ConfigError, match="builds.netwrok"):  # a typo is no silent default
+        config.parse({"builds": {"netwrok": "none"}}, {})
+
+
+@pytest.mark.parametrize("network, message", [
+    ("host", "daemon host's network"),
+    ("container:ab12", "a Docker network's name"),
+    ("", "a Docker network's name"),
+    ("-x", "a Docker network's name"),
+])
+def test_a_build_network_that_would_reach_the_host_is_refused(network, message):
+    with pytest.raises(ConfigError, match=f"builds.network: .*{message}"):
+        config.parse({"builds": {"network": network}}, {})
+
+
 def test_password_env_is_read_when_used(monkeypatch):
     settings = config.parse({"registries": {"r": {"type": "registry", "host": "h:1", "username": "u", "password_env": "R_PASSWORD"}}}, {})
     monkeypatch.setenv("R_PASSWORD", "later")

@@ -13,7 +13,7 @@ import pytest
 
 from service.build_sources import read_dockerfile, refusal
 from service.config import Client, Limits
-from service.dockerfile import ImageUse, Unreadable, image_uses, trigger_uses
+from service.dockerfile import ImageUse, RemoteSource, Unreadable, image_uses, trigger_uses
 
 TEAM_A = Client(name="team-a", token_sha256="", scopes=frozenset({"build"}), repositories=("team-a/*",))
 ID = "sha256:" + "ab12" * 16
@@ -210,6 +210,40 @@ def test_an_images_triggers():
     for triggers in (["RUN <<EOF"], ["RUN true"] * 101):
         with pytest.raises(Unreadable):
             trigger_uses(triggers, (), 1)
+
+
+@pytest.mark.parametrize("instruction", [
+    "ADD http://169.254.169.254/latest/meta-data/iam/security-credentials/node /creds",
+    "add HTTPS://internal.example/secret /s",
+    'ADD ["http://10.0.0.1:6379/", "/x"]',
+    "ADD --chown=1:1 http://x/a /x",
+    "ADD --chown 1:1 http://x/a /x",  # a source to the older parsers, a flag value to the newer
+    'ADD "http://x/a" /x',
+    "ADD h\\\nttp://x/a /x",  # continued
+    "ADD local.tar http://x/a /dir/",
+    "ADD ${U:-http://x/a} /x",
+    "ARG U\nADD $U /x",  # a variable may be a URL: a build argument's, an ENV's, a base image's
+    'ADD ["${U}", "/x"]',
+    "ONBUILD ADD http://x/a /x",  # whenever it runs
+])
+def test_an_add_the_daemon_would_download_is_refused(instruction):
+    with pytest.raises(RemoteSource, match="line [23]: (ONBUILD )?ADD .*(would download it itself|may be a URL)"):
+        image_uses(f"FROM scratch\n{instruction}\n".encode(), {"U": "context-file"})
+
+
+@pytest.mark.parametrize("instruction", [
+    "ADD local.tar /x", "ADD a b /dir/", 'ADD ["a b", "/x"]', "ADD ./http://x /x", "ADD \\$literal /x",
+    "COPY http://x /x",  # COPY never downloads: a path in the context
+    "ADD --from=team-a/app /a /a",
+])
+def test_adds_of_context_files_build(instruction):
+    image_uses(f"FROM scratch\n{instruction}\n".encode(), {})
+
+
+def test_an_images_add_trigger_is_refused_where_it_runs():
+    for trigger in ("ADD http://x/a /a", "ADD $FROM_ITS_ENV /a"):
+        with pytest.raises(RemoteSource, match="line 3: ONBUILD ADD"):
+            trigger_uses(["COPY a /a", trigger], (), 3)
 
 
 def test_a_from_knows_the_stages_before_it():
