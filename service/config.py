@@ -201,9 +201,14 @@ class Builds:
     A tenant's ``RUN`` step runs the tenant's code next to the workers: on a network that reaches
     Redis, the cloud's metadata service (the node's credentials) or other internal services, it
     reaches them too. ``host`` (and ``container:…``) would hand it the daemon host's own network,
-    and are refused."""
+    and are refused.
+
+    ``memory_bytes`` bounds the memory of each ``RUN`` step's container (swap included), so
+    that one tenant's build cannot take the daemon host's memory from every other job there;
+    None sets no bound."""
 
     network: str = "none"
+    memory_bytes: int | None = 4 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -505,6 +510,8 @@ class _BuildsSchema(Schema):
         unknown = RAISE
 
     network = fields.String(load_default=Builds.network, validate=[_NETWORK, _not_the_hosts_network])
+    # the daemon's own lower bound is 6 MiB
+    memory_bytes = fields.Integer(load_default=Builds.memory_bytes, allow_none=True, validate=validate.Range(min=6 * 1024**2))
 
 
 class _RetentionSchema(Schema):

@@ -31,12 +31,12 @@ def _shell_files() -> dict[str, bytes]:
     return files
 
 
-def context(nonce: str) -> bytes:
-    """A build context (uncompressed tar) whose RUN step records its network. ``nonce`` keeps
-    the daemon's build cache from answering for the step: the legacy builder's cache key does
-    not include the network a step ran on."""
+def context(nonce: str, run: str = RUN) -> bytes:
+    """A build context (uncompressed tar) whose RUN step records its network (or runs ``run``
+    in the shell). ``nonce`` keeps the daemon's build cache from answering for the step: the
+    legacy builder's cache key does not include the network a step ran on."""
     files = {
-        "Dockerfile": b"FROM scratch\nCOPY root/ /\nCOPY nonce /nonce\nRUN " + RUN.encode() + b"\n",
+        "Dockerfile": b"FROM scratch\nCOPY root/ /\nCOPY nonce /nonce\nRUN " + run.encode() + b"\n",
         "nonce": nonce.encode(),
         **_shell_files(),
     }

@@ -46,7 +46,7 @@ def build(job: dict[str, Any], deps: "Deps", progress: "Progress") -> None:
     image_id = deps.engine.build(
         context, compressed=compressed, dockerfile=request["dockerfile"], build_args=request.get("build_args") or {},
         labels={"org.imagepub.job": job["id"]}, tag=f"imagepub-build:{job['id']}", network=deps.settings.builds.network,
-        on_line=on_line,
+        memory_bytes=deps.settings.builds.memory_bytes, on_line=on_line,
     )
     record["image_id"] = job["source_image_id"] = image_id
     progress.save()

@@ -202,20 +202,28 @@ class DockerEngine:
         return PullResult(digest=digest, image_id=info.id, layers=layers)
 
     def build(self, context: bytes, *, compressed: bool, dockerfile: str, build_args: dict[str, str],
-              labels: dict[str, str], tag: str, network: str, on_line: Callable[[str], None]) -> str:
-        """Build from a context archive, its RUN steps on ``network`` (service.config.Builds);
-        every output line goes to ``on_line``. Returns the image id, or raises
-        :class:`~service.errors.BuildFailed` naming the failing step."""
+              labels: dict[str, str], tag: str, network: str, memory_bytes: int | None,
+              on_line: Callable[[str], None]) -> str:
+        """Build from a context archive, its RUN steps on ``network`` with at most
+        ``memory_bytes`` each (service.config.Builds); every output line goes to ``on_line``.
+        Returns the image id, or raises :class:`~service.errors.BuildFailed` naming the failing
+        step."""
+        limits = {"memory": memory_bytes, "memswap": memory_bytes} if memory_bytes else None  # swap: none beyond
         stream = self._call(
             "build", self.api.build, fileobj=io.BytesIO(context), custom_context=True,
             encoding="gzip" if compressed else None, dockerfile=dockerfile, buildargs=build_args or None,
-            labels=labels, tag=tag, network_mode=network, rm=True, forcerm=True, pull=False, decode=True,
+            labels=labels, tag=tag, network_mode=network, container_limits=limits, rm=True, forcerm=True, pull=False,
+            decode=True,
         )
         image_id, step = None, None
         try:
             for line in stream:
                 if "errorDetail" in line or "error" in line:
-                    message = (line.get("errorDetail") or {}).get("message") or line.get("error") or "unknown error"
+                    detail = line.get("errorDetail") or {}
+                    message = detail.get("message") or line.get("error") or "unknown error"
+                    if detail.get("code") == 137 and memory_bytes:  # SIGKILL: the OOM killer's, most often
+                        message += (f" (killed: most likely the step passed the build's memory limit, "
+                                    f"{memory_bytes // 1024**2} MiB, builds.memory_bytes)")
                     on_line(message)
                     raise errors.BuildFailed(f"{step}: {message}" if step else message)
                 text = line.get("stream") or line.get("status") or ""

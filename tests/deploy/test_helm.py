@@ -139,6 +139,7 @@ def test_values_match_the_schema(schema, name):
     pytest.param({"docker": {"mode": "podman"}}, id="docker-mode"),
     pytest.param({"config": {"builds": {"network": "host"}}}, id="builds-on-the-hosts-network"),
     pytest.param({"config": {"builds": {"network": "container:dind"}}}, id="builds-in-a-containers-network"),
+    pytest.param({"config": {"builds": {"memory_bytes": 1024}}}, id="builds-memory-below-the-daemons-bound"),
     pytest.param({"serviceAccount": {"irsaRoleArn": "imagepub-role"}}, id="irsa-arn"),
     pytest.param({"redis": {"url": "http://redis:6379"}}, id="redis-url"),
     pytest.param({"secrets": {"env": {"HUB-PASSWORD": "x"}}}, id="env-name"),

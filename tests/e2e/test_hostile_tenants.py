@@ -7,7 +7,8 @@ and sees only those images, and only their names in its repositories, in ``GET /
 
 Clients: ``team-a`` (``team-a/*``), ``team-b`` (``team-b/*``), ``greedy`` (not admin, with
 patterns that reach imagepub's build names and hexadecimal names) and an admin, on a service of
-their own (Redis database 9), whose builds run on a network made for them (``builds.network``).
+their own (Redis database 9), whose builds run on a network made for them (``builds.network``)
+with 64 MiB for each RUN step (``builds.memory_bytes``).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def builds_network(stack):
 @pytest.fixture(scope="module")
 def tenants(stack, builds_network):
     config = base_config(stack)
-    config["builds"] = {"network": builds_network}
+    config["builds"] = {"network": builds_network, "memory_bytes": 64 * 1024**2}
     del config["auth"]
     config["clients"] = [{"name": name, "token_sha256": hash_token(TOKENS[name]), **rules} for name, rules in CLIENTS.items()]
     svc = Service(stack, config, "tenants", redis_db=9)
@@ -516,3 +517,22 @@ def test_an_add_the_daemon_would_download_is_refused(tenants, stack, metadata_se
 
     admin = _succeeded(tenants["admin"], _build(tenants["admin"], f"FROM scratch\nADD {url}/admin /fetched\n", f"team-a/admin-add-{u}"))
     assert seen == ["/admin"] and admin["state"] == "succeeded"
+
+
+def test_a_run_step_that_takes_the_hosts_memory_is_killed_at_the_bound(tenants, stack, u):
+    """A step that doubles a string until it holds 256 MiB (without a bound it builds): killed
+    at the build's 64 MiB. The network probe's build, on the same service, stays under it and
+    builds."""
+    team_b = tenants["team-b"]
+    resp = team_b.http.post(f"{team_b.base_url}/v1/build", timeout=60, files={
+        "request": (None, json.dumps({"targets": [{"registry": "local", "repository": f"team-b/hog-{u}", "tags": ["1"]}]}), "application/json"),
+        "context": ("context.tar", network_probe.context(u, 'a=x; i=0; while [ $i -lt 28 ]; do a="$a$a"; i=$((i+1)); done'),
+                    "application/x-tar"),
+    })
+    assert resp.status_code == 202, resp.text
+    job = team_b.wait(resp.json()["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "build_failed", job
+    assert job["error"]["message"].startswith("Step 4/4 : RUN a=x;"), job["error"]
+    assert "returned a non-zero code: 137 (killed: most likely the step passed the build's memory limit, 64 MiB" in job["error"]["message"]
+    assert job["attempts"] == 1  # a build that fails is not retried
+    _nothing_pushed(stack, f"team-b/hog-{u}")

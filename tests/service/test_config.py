@@ -53,6 +53,14 @@ def test_builds_run_on_no_network_unless_the_operator_names_one():
         config.parse({"builds": {"netwrok": "none"}}, {})
 
 
+def test_a_builds_run_steps_have_a_memory_bound_unless_the_operator_lifts_it():
+    assert config.load({}).builds.memory_bytes == 4 * 1024**3
+    assert config.parse({"builds": {"memory_bytes": 512 * 1024**2}}, {}).builds.memory_bytes == 512 * 1024**2
+    assert config.parse({"builds": {"memory_bytes": None}}, {}).builds.memory_bytes is None
+    with pytest.raises(ConfigError, match="builds.memory_bytes"):  # below what the daemon takes
+        config.parse({"builds": {"memory_bytes": 1024**2}}, {})
+
+
 @pytest.mark.parametrize("network, message", [
     ("host", "daemon host's network"),
     ("container:ab12", "a Docker network's name"),
