@@ -109,6 +109,20 @@ class JobQueue:
             "properties": properties,
         })
 
+    @staticmethod
+    def job_of(held: str | bytes | None) -> str | None:
+        """The job id of a message as kombu's Redis transport holds one it delivered and has
+        not had acknowledged (``[message, exchange, routing key]``, in its ``unacked`` hash);
+        None for any other task's message, or for what cannot be read as one."""
+        try:
+            message = json.loads(held)[0]
+            if message["headers"]["task"] != RUN_JOB:
+                return None
+            args = json.loads(base64.b64decode(message["body"]))[0]
+            return args[0] if args and isinstance(args[0], str) else None
+        except (TypeError, ValueError, KeyError, IndexError):
+            return None
+
     def enqueue(self, job_id: str, queue: str = JOBS_QUEUE) -> None:
         """Queue ``job_id`` on ``queue`` (the API queues new jobs with their record:
         JobStore.create)."""

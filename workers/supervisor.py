@@ -4,9 +4,10 @@
   (a liveness probe checks its age),
 - enqueues jobs whose retry is due (retries wait in a Redis sorted set, not in a worker's
   memory as Celery ETA tasks would, so a worker that dies takes no waiting retry with it),
-- finds jobs whose worker died — ``running`` but with no live job lock — and enqueues them
-  again, so that a killed worker (or machine) delays a job by about a minute, not by Redis'
-  visibility timeout,
+- finds jobs whose worker died — ``running`` but with no live job lock, or still ``queued``
+  while a worker's main process holds their message (it died handing the job to its pool) —
+  and enqueues them again, so that a killed worker (or machine) delays a job by about a
+  minute, not by the broker's visibility timeout,
 - removes uploads from the artifact store that no job will delete: their job ended (a worker
   died before deleting it) or does not exist (it expired, or its API process died between
   storing the upload and the job).
@@ -36,6 +37,12 @@ from .artifacts import from_config as artifacts_from_config
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+# kombu's Redis transport keeps each message it delivered, until it is acknowledged, in a hash
+# (delivery tag → [message, exchange, routing key]) and a sorted set (delivery tag → when),
+# under these names (imagepub sets no global_keyprefix). It hands such a message back to its
+# queue only after the visibility timeout.
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+HELD_SCAN_LIMIT = 1000
 UPLOAD_SWEEP_SECONDS = 300.0
 REQUEUE_MARK_SECONDS = 600
 
@@ -83,6 +90,7 @@ class Supervisor:
                 self.enqueue_due()
                 if now - last_scan >= self.settings.recovery.scan_interval_seconds:
                     self.recover_orphans()
+                    self.recover_unstarted()
                     last_scan = now
                 if now - last_upload_sweep >= UPLOAD_SWEEP_SECONDS:
                     last_upload_sweep = now
@@ -135,6 +143,37 @@ class Supervisor:
                 log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
                 self._enqueue(job_id)
                 requeued.append(job_id)
+        return requeued
+
+    def recover_unstarted(self) -> list[str]:
+        """Jobs whose message a worker's main process took off the queue, and which never
+        started: the worker died while it handed the job to its pool (``kill -9``, a machine
+        lost). The job is still ``queued``; its message waits in kombu's hash of unacknowledged
+        messages until the visibility timeout (``job_timeout_seconds`` + 5 min). A live worker
+        hands a message over in milliseconds and takes the job's lock, so a queued job whose
+        message has been held for longer than ``lock_ttl_seconds``, without a lock, lost its
+        worker: it is queued again (once, like an orphan), and then the held message forgotten."""
+        if not self._sweep_lock("unstarted", max(1.0, self.settings.recovery.scan_interval_seconds)):
+            return []
+        client = self.store.redis
+        cutoff = time.time() - self.settings.recovery.lock_ttl_seconds
+        tags = client.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=HELD_SCAN_LIMIT)
+        if not tags:
+            return []
+        requeued = []
+        for tag, held in zip(tags, client.hmget(UNACKED, tags)):
+            job_id = JobQueue.job_of(held)
+            job = self.store.get(job_id) if job_id else None  # not a job's message, or acknowledged meanwhile
+            if job is None or job["state"] != "queued" or client.exists(self.store.job_lock_key(job_id)):
+                continue  # running (recover_orphans' case), ended, expired, or being taken right now
+            if not client.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
+                continue  # queued again already: this held message is looked at again once the mark expires
+            log.warning("job's worker died handing it to its pool; enqueueing it again", extra={"job_id": job_id})
+            # Enqueue first, then forget the held message: a crash in between means a duplicate
+            # delivery (an hour later), which the job lock and the state check absorb.
+            self.queue.enqueue(job_id, queue_for(job))
+            client.pipeline(transaction=True).hdel(UNACKED, tag).zrem(UNACKED_INDEX, tag).execute()
+            requeued.append(job_id)
         return requeued
 
     def sweep_uploads(self) -> list[str]:

@@ -22,6 +22,8 @@ import io
 import json
 import os
 import random
+import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -300,6 +302,52 @@ def test_kill_while_a_job_waits_for_a_repository_lock(faulty, stack, rng, unique
         done = t.wait(job["id"])
         assert_ended_once(t, done, stack, losses=1)
         assert "waiting_for" not in done
+
+
+def _pool_processes(svc: Service) -> list[int]:
+    main = svc.stack.proc(f"{svc.name}-worker").pid
+    children = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True).stdout.split()
+    assert children, "the worker has no pool processes"
+    return [int(pid) for pid in children]
+
+
+def _held_by_a_consumer(client: redis.Redis, job_id: str) -> bool:
+    """Is the job's message in kombu's unacknowledged hash (taken off the queue by a worker's
+    main process: handed to a pool process, or about to be)?"""
+    return any(job_id in raw for raw in client.hvals("unacked"))
+
+
+def test_kill_after_a_worker_took_the_message_before_the_job_started(faulty, stack, rng, unique):
+    """The whole worker dies after its main process took the job's message off the queue and
+    before a pool process began the job (a machine lost during the hand-off). The job is still
+    queued; its message waits in kombu's unacknowledged hash, which kombu hands back only after
+    its visibility timeout (job_timeout_seconds + 5 min). The next worker's supervisor finds the
+    job instead and queues it again."""
+    t = Trial(faulty, "kill: message taken, job not started", rng)
+    client = redis.Redis.from_url(faulty.redis_url, decode_responses=True)
+    paused = _pool_processes(faulty)
+    for pid in paused:  # the pool takes nothing in: the hand-off stays half-done
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        source = big_image(stack, f"fault-handoff-{unique}:v1", megabytes=2, layers=1)
+        job = publish(faulty.api, source, f"faults/handoff-{unique}", registry="local")
+        deadline = time.monotonic() + 30
+        while not _held_by_a_consumer(client, job["id"]):
+            assert time.monotonic() < deadline, "the worker never took the message"
+            time.sleep(0.02)
+        assert faulty.api.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"
+        t.point(0, 0.5)
+        t.kill_worker()
+    finally:
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    done = t.wait(job["id"], timeout=30 + LOCK_TTL + SCAN_INTERVAL)
+    assert done["state"] == "succeeded" and done["attempts"] == 1 and done.get("worker_losses", 0) == 0, done
+    assert stack.registry_digest(stack.registry, f"faults/handoff-{unique}", "v1") == done["targets"][0]["digest"]
+    assert not _held_by_a_consumer(client, job["id"])  # nor handed back an hour later, to run again
 
 
 @trials
