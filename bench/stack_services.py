@@ -95,8 +95,10 @@ class Imagepub(KeptAlive):
     """``imagepub serve`` (defaults: no --workers) on a Redis database of its own, and on demand
     ``imagepub worker`` (defaults: no --concurrency)."""
 
-    def __init__(self, stack, name: str, redis_db: int, env: dict[str, str] | None = None):
+    def __init__(self, stack, name: str, redis_db: int, env: dict[str, str] | None = None, marks: bool = False):
         self.stack, self.name = stack, name
+        # bench/marks/sitecustomize.py in the worker: the moments of each job's hand-off
+        self.marks = stack.tmp / f"{name}-marks" if marks else None
         self.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
         config_path = stack.tmp / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(bench_config(stack)))
@@ -127,7 +129,11 @@ class Imagepub(KeptAlive):
 
     def start_worker(self) -> None:
         name = f"{self.name}-worker"
-        self.stack.spawn(name, [imagepub_command(), "worker"], env=self.env)
+        env = self.env
+        if self.marks:
+            self.marks.mkdir(exist_ok=True)
+            env = {**env, "PYTHONPATH": str(REPO / "bench" / "marks"), "IMAGEPUB_BENCH_MARKS": str(self.marks)}
+        self.stack.spawn(name, [imagepub_command(), "worker"], env=env)
         self.stack.wait_for_log(name, "ready", timeout=90)
 
     def stop(self) -> None:

@@ -470,6 +470,33 @@ def daemon_calls(stack, image: str, repository: str, n: int) -> dict[str, list[f
     return out
 
 
+HANDOFF = {
+    "created_at → the worker's main process reads the message (the API's storing, the wake-up)": ("created", "read"),
+    "→ kombu holds it as unacknowledged (its Redis transaction for redelivery)": ("read", "held"),
+    "→ Celery's task request is made": ("held", "received"),
+    "→ a pool process starts the task (the prefork hand-off: a pipe, a wake-up)": ("received", "prerun"),
+    "→ the job's lease and record are taken: started_at (one Redis round trip)": ("prerun", "started"),
+}
+
+
+def handoff_segments(marks: Path, jobs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each job's hand-off, from the worker's marks (bench/marks/sitecustomize.py) between its
+    created_at and started_at: the jobs ran one at a time, so each mark of that window is the
+    job's. Jobs missing a mark (none when all goes well) are left out."""
+    moments = sorted((float(t), what) for path in marks.iterdir() for t, what in (line.split() for line in path.read_text().splitlines()))
+    out: dict[str, list[float]] = {name: [] for name in HANDOFF}
+    for job in jobs:
+        created, started = _epoch(job["created_at"]), _epoch(job["started_at"])
+        seen = {"created": created, "started": started}
+        for t, what in moments:
+            if created <= t <= started:
+                seen.setdefault(what, t)
+        if all(a in seen and b in seen for a, b in HANDOFF.values()):
+            for name, (a, b) in HANDOFF.items():
+                out[name].append(seen[b] - seen[a])
+    return out if all(out.values()) else {}
+
+
 def job_timeline(svc: Imagepub, job: dict[str, Any]) -> list[str]:
     entries = svc.redis.xrange(f"imagepub:job:{job['id']}:events")
     if not entries:
@@ -509,6 +536,7 @@ def jobs_phase(stack, args, res: Results, log: Log, svc: Imagepub) -> None:
                                         "finished_at → client sees the terminal event (SSE)": []}
     footprint = None
     last_job = None
+    measured_jobs = []
     total = args.tag_pushes + 3
     for i in range(total):
         warm = i < 3
@@ -526,6 +554,7 @@ def jobs_phase(stack, args, res: Results, log: Log, svc: Imagepub) -> None:
                 pair.append(f"service {ms(seconds)} (push {ms(push)})")
                 last_job = job
                 if not warm:
+                    measured_jobs.append(job)
                     svc_times.append(seconds)
                     push_times.append(push)
                     outside.append(seconds - push)
@@ -549,6 +578,7 @@ def jobs_phase(stack, args, res: Results, log: Log, svc: Imagepub) -> None:
             floor_outside.append(floor_seconds)
         log(f"tag push {i + 1}/{total}{' (warm-up)' if warm else ''}: " + ", ".join(pair), quiet=warm)
     floor.stop()
+    handoff = handoff_segments(svc.marks, measured_jobs) if svc.marks else {}
     timeline = job_timeline(svc, last_job) if last_job else []
     calls = daemon_calls(stack, "bench-tagpush:src", "bench/tagpush", max(5, args.tag_pushes // 2))
     s, c, o = median(svc_times), median(cli_times), median(outside)
@@ -581,6 +611,12 @@ def jobs_phase(stack, args, res: Results, log: Log, svc: Imagepub) -> None:
                "Where a service job's time goes (the client's clock and the job's timestamps: one machine, one clock):", "",
                "| segment | median | min | max |", "| --- | ---: | ---: | ---: |",
                *[f"| {name} | {ms(median(v))} | {ms(min(v))} | {ms(max(v))} |" for name, v in segments.items()])
+    if handoff:
+        res.detail("Job overhead (target 4)", "", "Inside created_at → started_at: the moments of the hand-off, marked in the "
+                   "worker's processes by bench/marks/sitecustomize.py (one write to an open file each), for "
+                   f"{len(next(iter(handoff.values())))} of the measured jobs:", "",
+                   "| segment | median | min | max |", "| --- | ---: | ---: | ---: |",
+                   *[f"| {name} | {ms(median(v))} | {ms(min(v))} | {ms(max(v))} |" for name, v in handoff.items()])
     if calls:
         res.detail("Job overhead (target 4)", "", "The Docker Engine API calls a pure tag push makes in the worker "
                    "(workers/publish.py:_push_tag, docker_engine.py), timed one by one with docker-py against the same daemon "
@@ -837,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         if {"jobs", "fresh", "burst", "copy"} & set(args.phases):
             proxy = EcrApiProxy(stack.moto_url)
             try:
-                svc = Imagepub(stack, "jobs", 2, env={"AWS_ENDPOINT_URL_ECR": proxy.url})
+                svc = Imagepub(stack, "jobs", 2, env={"AWS_ENDPOINT_URL_ECR": proxy.url}, marks=True)
 
                 def start_jobs_service() -> None:
                     svc.start_api()
