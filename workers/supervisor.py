@@ -42,7 +42,7 @@ HEARTBEAT_SECONDS = 10.0
 # under these names (imagepub sets no global_keyprefix). It hands such a message back to its
 # queue only after the visibility timeout.
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
-HELD_SCAN_LIMIT = 1000
+HELD_SCAN_BATCH = 1000
 UPLOAD_SWEEP_SECONDS = 300.0
 REQUEUE_MARK_SECONDS = 600
 
@@ -157,24 +157,33 @@ class Supervisor:
             return []
         client = self.store.redis
         cutoff = time.time() - self.settings.recovery.lock_ttl_seconds
-        tags = client.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=HELD_SCAN_LIMIT)
-        if not tags:
-            return []
-        requeued = []
-        for tag, held in zip(tags, client.hmget(UNACKED, tags)):
-            job_id = JobQueue.job_of(held)
-            job = self.store.get(job_id) if job_id else None  # not a job's message, or acknowledged meanwhile
-            if job is None or job["state"] != "queued" or client.exists(self.store.job_lock_key(job_id)):
-                continue  # running (recover_orphans' case), ended, expired, or being taken right now
-            if not client.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
-                continue  # queued again already: this held message is looked at again once the mark expires
-            log.warning("job's worker died handing it to its pool; enqueueing it again", extra={"job_id": job_id})
-            # Enqueue first, then forget the held message: a crash in between means a duplicate
-            # delivery (an hour later), which the job lock and the state check absorb.
-            self.queue.enqueue(job_id, queue_for(job))
-            client.pipeline(transaction=True).hdel(UNACKED, tag).zrem(UNACKED_INDEX, tag).execute()
-            requeued.append(job_id)
-        return requeued
+        requeued, start = [], 0
+        while True:  # oldest first; most are running jobs' (acknowledged when they end), which hold their lock
+            tags = client.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=start, num=HELD_SCAN_BATCH)
+            if not tags:
+                return requeued
+            start += len(tags)
+            held = [(tag, job_id) for tag, job_id in zip(tags, map(JobQueue.job_of, client.hmget(UNACKED, tags))) if job_id]
+            pipe = client.pipeline(transaction=False)
+            for _, job_id in held:
+                pipe.exists(self.store.job_lock_key(job_id))
+            for (tag, job_id), locked in zip(held, pipe.execute()):
+                if not locked and self._requeue_unstarted(job_id):
+                    # Enqueued first, then the held message forgotten: a crash in between means a
+                    # duplicate delivery (an hour later), which the job lock and the state check absorb.
+                    client.pipeline(transaction=True).hdel(UNACKED, tag).zrem(UNACKED_INDEX, tag).execute()
+                    start -= 1
+                    requeued.append(job_id)
+
+    def _requeue_unstarted(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        if job is None or job["state"] != "queued":
+            return False  # running (recover_orphans' case), ended or expired: not this rule's
+        if not self.store.redis.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
+            return False  # queued again already: this held message is looked at again once the mark expires
+        log.warning("job's worker died handing it to its pool; enqueueing it again", extra={"job_id": job_id})
+        self.queue.enqueue(job_id, queue_for(job))
+        return True
 
     def sweep_uploads(self) -> list[str]:
         """Delete the uploads whose job has ended, or has not existed for ORPHAN_GRACE_SECONDS

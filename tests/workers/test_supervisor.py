@@ -86,3 +86,23 @@ def test_what_is_no_lost_hand_off_is_left_alone(parts):
     assert supervisor.recover_unstarted() == []
     assert _queued(store) == []
     assert all(store.redis.hexists(UNACKED, tag) for tag in kept + ["garbage"])
+
+
+def test_every_held_message_is_looked_at_however_many_running_jobs_hold_theirs(parts, monkeypatch):
+    """Most held messages are running jobs' (acknowledged when they end), oldest first; the scan
+    pages past them, and past the entries it removes."""
+    import workers.supervisor
+
+    monkeypatch.setattr(workers.supervisor, "HELD_SCAN_BATCH", 2)
+    store, queue, supervisor = parts
+    running = []
+    for age in (60, 50, 40):
+        job_id = _job(store, state="running")
+        store.redis.set(store.job_lock_key(job_id), "its worker's lease")
+        running.append(_hold(store, queue.message(job_id), age=age))
+    lost = [_job(store) for _ in range(3)]
+    for age, job_id in zip((30, 20, 10), lost):
+        _hold(store, queue.message(job_id), age=age)
+    assert supervisor.recover_unstarted() == lost
+    assert sorted(_queued(store)) == sorted(lost)
+    assert store.redis.hlen(UNACKED) == 3 and all(store.redis.hexists(UNACKED, tag) for tag in running)
