@@ -579,6 +579,9 @@ class JobStore:
     def unschedule(self, job_id: str) -> None:
         self.redis.zrem(f"{self.prefix}delayed", job_id)
 
+    def is_scheduled(self, job_id: str) -> bool:
+        return self.redis.zscore(f"{self.prefix}delayed", job_id) is not None
+
     # --- the webhook outbox (the save and cancel steps fill it; workers/outbox.py empties it) ---
 
     @property

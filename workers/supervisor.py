@@ -148,10 +148,11 @@ class Supervisor:
     def recover_unstarted(self) -> list[str]:
         """Jobs whose message a worker's main process took off the queue, and which never
         started: the worker died while it handed the job to its pool (``kill -9``, a machine
-        lost). The job is still ``queued``; its message waits in kombu's hash of unacknowledged
-        messages until the visibility timeout (``job_timeout_seconds`` + 5 min). A live worker
-        hands a message over in milliseconds and takes the job's lock, so a queued job whose
-        message has been held for longer than ``lock_ttl_seconds``, without a lock, lost its
+        lost). The job is still ``queued`` (or ``retrying``, its retry due and enqueued); its
+        message waits in kombu's hash of unacknowledged messages until the visibility timeout
+        (``job_timeout_seconds`` + 5 min). A live worker hands a message over in milliseconds and
+        takes the job's lock, so such a job whose message has been held for longer than
+        ``lock_ttl_seconds``, without a lock (and, retrying, not waiting for its time), lost its
         worker: it is queued again (once, like an orphan), and then the held message forgotten."""
         if not self._sweep_lock("unstarted", max(1.0, self.settings.recovery.scan_interval_seconds)):
             return []
@@ -177,8 +178,10 @@ class Supervisor:
 
     def _requeue_unstarted(self, job_id: str) -> bool:
         job = self.store.get(job_id)
-        if job is None or job["state"] != "queued":
+        if job is None or job["state"] not in ("queued", "retrying"):
             return False  # running (recover_orphans' case), ended or expired: not this rule's
+        if job["state"] == "retrying" and self.store.is_scheduled(job_id):
+            return False  # its next attempt waits for its time (the attempt before ended a moment ago)
         if not self.store.redis.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
             return False  # queued again already: this held message is looked at again once the mark expires
         log.warning("job's worker died handing it to its pool; enqueueing it again", extra={"job_id": job_id})

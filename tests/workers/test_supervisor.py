@@ -65,6 +65,16 @@ def test_a_queued_job_held_past_the_lock_ttl_is_queued_again_once(parts):
     assert supervisor.recover_unstarted() == [] and _queued(store) == [job_id]
 
 
+def test_a_due_retry_held_past_the_lock_ttl_is_queued_again_but_not_one_that_waits_for_its_time(parts):
+    store, queue, supervisor = parts
+    due, waiting = _job(store, state="retrying"), _job(store, state="retrying")
+    store.schedule(waiting, time.time() + 60)  # its attempt just failed; the ack is on its way
+    for job_id in (due, waiting):
+        _hold(store, queue.message(job_id), age=LOCK_TTL + 1)
+    assert supervisor.recover_unstarted() == [due]
+    assert _queued(store) == [due]
+
+
 def test_what_is_no_lost_hand_off_is_left_alone(parts):
     store, queue, supervisor = parts
     young = _job(store)
