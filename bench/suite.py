@@ -472,7 +472,7 @@ def daemon_calls(stack, image: str, repository: str, n: int) -> dict[str, list[f
 
 HANDOFF = {
     "created_at → the worker's main process reads the message (the API's storing, the wake-up)": ("created", "read"),
-    "→ kombu holds it as unacknowledged (its Redis transaction for redelivery)": ("read", "held"),
+    "→ kombu records it as delivered (in memory)": ("read", "held"),
     "→ Celery's task request is made": ("held", "received"),
     "→ a pool process starts the task (the prefork hand-off: a pipe, a wake-up)": ("received", "prerun"),
     "→ the job's lease and record are taken: started_at (one Redis round trip)": ("prerun", "started"),

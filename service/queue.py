@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 import uuid
 
 from celery import Celery
@@ -34,6 +35,21 @@ def daemon_queue(daemon: str) -> str:
     return f"imagepub.daemon.{daemon}"
 
 
+# What no broker keeps: which jobs have a message waiting in a queue. kombu's Redis transport
+# runs without its acknowledgement emulation (make_celery), so a message a worker has taken is
+# in that worker's memory only until its pool process takes the job's lock. Every message of a
+# job put on a queue (JobStore.create, JobQueue.enqueue) enters the queue's waiting index too,
+# scored with when it was put there; the pool process that takes the job's lock removes it in
+# the same round trip (workers/jobs.py, Guard.acquire). Each queue is a FIFO list, so an entry
+# scored well before the message next in line belongs to a message that was taken: one still
+# there, without a lock, a scan later, was lost with its worker (workers/supervisor.py).
+QUEUES_KEY = "imagepub:queues"  # the queues that have had a waiting index
+
+
+def waiting_key(queue: str) -> str:
+    return f"imagepub:queue:{queue}:waiting"
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("imagepub", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
@@ -55,7 +71,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_retry=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": settings.job_timeout_seconds + 300},
+        # No acknowledgement emulation: kombu's record of every message it delivered cost each
+        # job a Redis transaction in the worker's main process before the pool could start it,
+        # and another when it ended, and a message lost with its worker came back only after the
+        # visibility timeout. imagepub finds such jobs itself, from its own records (the waiting
+        # index above, and the job's lease once it runs: workers/supervisor.py).
+        broker_transport_options={"ack_emulation": False},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
@@ -110,12 +131,11 @@ class JobQueue:
         })
 
     @staticmethod
-    def job_of(held: str | bytes | None) -> str | None:
-        """The job id of a message as kombu's Redis transport holds one it delivered and has
-        not had acknowledged (``[message, exchange, routing key]``, in its ``unacked`` hash);
-        None for any other task's message, or for what cannot be read as one."""
+    def job_of(raw: str | bytes | None) -> str | None:
+        """The job id of a message as it lies in a queue; None for any other task's message, or
+        for what cannot be read as one."""
         try:
-            message = json.loads(held)[0]
+            message = json.loads(raw)
             if message["headers"]["task"] != RUN_JOB:
                 return None
             args = json.loads(base64.b64decode(message["body"]))[0]
@@ -124,7 +144,11 @@ class JobQueue:
             return None
 
     def enqueue(self, job_id: str, queue: str = JOBS_QUEUE) -> None:
-        """Queue ``job_id`` on ``queue`` (the API queues new jobs with their record:
-        JobStore.create)."""
+        """Queue ``job_id`` on ``queue``, and into the queue's waiting index (the API queues new
+        jobs with their record: JobStore.create)."""
         with self.celery.pool.acquire(block=True) as connection:
-            connection.default_channel.client.lpush(queue, self.message(job_id, queue))
+            pipe = connection.default_channel.client.pipeline(transaction=True)
+            pipe.lpush(queue, self.message(job_id, queue))
+            pipe.zadd(waiting_key(queue), {job_id: time.time()})
+            pipe.sadd(QUEUES_KEY, queue)
+            pipe.execute()

@@ -26,7 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from service import errors
 from service.artifacts import has_upload
 from service.jobstore import TERMINAL_STATES, load_record, utcnow
-from service.queue import DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue
+from service.queue import DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue, waiting_key
 from service.routing import needs_daemon, queue_for
 
 from .deps import Deps
@@ -57,8 +57,8 @@ class Guard:
     """While a job runs: holds its leases (its job lock first) and keeps them alive, and notices
     a cancellation, from a thread."""
 
-    def __init__(self, deps: Deps, job_id: str):
-        self.deps, self.job_id = deps, job_id
+    def __init__(self, deps: Deps, job_id: str, queue: str | None = None):
+        self.deps, self.job_id, self.queue = deps, job_id, queue
         self.ttl = deps.settings.recovery.lock_ttl_seconds
         self.leases = Leases(deps.redis, self.ttl)
         self.cancelled = threading.Event()
@@ -67,13 +67,18 @@ class Guard:
 
     def acquire(self) -> tuple[bool, dict[str, Any] | None]:
         """Take the job's lock and, in the same round trip, read its record (current: nobody
-        else runs the job) and clear its re-enqueued mark (taken: if this worker dies too, the
+        else runs the job), clear its re-enqueued mark (taken: if this worker dies too, the
         supervisor re-enqueues it again; a duplicate delivery that finds the lock taken clears a
-        mark the taker has cleared already). Whether the lock was taken, and the record."""
+        mark the taker has cleared already) and take it out of the waiting index of the queue
+        its message came from (service/queue.py). Whether the lock was taken, and the record."""
         store = self.deps.store
-        taken, (_, raw) = self.leases.take_with(
-            store.job_lock_key(self.job_id),
-            lambda pipe: pipe.delete(store.requeued_key(self.job_id)).get(store.job_key(self.job_id)))
+
+        def also(pipe):
+            pipe.delete(store.requeued_key(self.job_id)).get(store.job_key(self.job_id))
+            if self.queue:
+                pipe.zrem(waiting_key(self.queue), self.job_id)
+
+        taken, (_, raw, *_) = self.leases.take_with(store.job_lock_key(self.job_id), also)
         if not taken:
             return False, None
         self._thread.start()
@@ -179,9 +184,10 @@ def serves(queue: str, daemon: str | None) -> bool:
     return daemon is not None and queue == daemon_queue(daemon)
 
 
-def run(job_id: str, deps: Deps) -> None:
+def run(job_id: str, deps: Deps, queue: str | None = None) -> None:
+    """Run the job ``job_id``, whose message came from ``queue``."""
     # The lock, then the record: one round trip (Guard.acquire).
-    guard = Guard(deps, job_id)
+    guard = Guard(deps, job_id, queue)
     taken, job = guard.acquire()
     if not taken:
         log.info("job is running elsewhere; ignoring a duplicate delivery", extra={"job_id": job_id})

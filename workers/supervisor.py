@@ -5,9 +5,8 @@
 - enqueues jobs whose retry is due (retries wait in a Redis sorted set, not in a worker's
   memory as Celery ETA tasks would, so a worker that dies takes no waiting retry with it),
 - finds jobs whose worker died — ``running`` but with no live job lock, or still ``queued``
-  while a worker's main process holds their message (it died handing the job to its pool) —
-  and enqueues them again, so that a killed worker (or machine) delays a job by about a
-  minute, not by the broker's visibility timeout,
+  with their message taken off its queue (the worker died handing the job to its pool) — and
+  enqueues them again, so that a killed worker (or machine) delays a job by about a minute,
 - removes uploads from the artifact store that no job will delete: their job ended (a worker
   died before deleting it) or does not exist (it expired, or its API process died between
   storing the upload and the job).
@@ -28,7 +27,7 @@ from service.artifacts import ORPHAN_GRACE_SECONDS
 from service.config import Settings
 from service.fleet import Fleet
 from service.jobstore import TERMINAL_STATES, JobStore
-from service.queue import JobQueue
+from service.queue import QUEUES_KEY, JobQueue, waiting_key
 from service.routing import queue_for
 
 from .artifacts import Artifacts
@@ -37,12 +36,7 @@ from .artifacts import from_config as artifacts_from_config
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
-# kombu's Redis transport keeps each message it delivered, until it is acknowledged, in a hash
-# (delivery tag → [message, exchange, routing key]) and a sorted set (delivery tag → when),
-# under these names (imagepub sets no global_keyprefix). It hands such a message back to its
-# queue only after the visibility timeout.
-UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
-HELD_SCAN_BATCH = 1000
+UNTAKEN_SCAN_BATCH = 1000
 UPLOAD_SWEEP_SECONDS = 300.0
 REQUEUE_MARK_SECONDS = 600
 
@@ -90,7 +84,7 @@ class Supervisor:
                 self.enqueue_due()
                 if now - last_scan >= self.settings.recovery.scan_interval_seconds:
                     self.recover_orphans()
-                    self.recover_unstarted()
+                    self.recover_untaken()
                     last_scan = now
                 if now - last_upload_sweep >= UPLOAD_SWEEP_SECONDS:
                     last_upload_sweep = now
@@ -145,47 +139,59 @@ class Supervisor:
                 requeued.append(job_id)
         return requeued
 
-    def recover_unstarted(self) -> list[str]:
-        """Jobs whose message a worker's main process took off the queue, and which never
-        started: the worker died while it handed the job to its pool (``kill -9``, a machine
-        lost). The job is still ``queued`` (or ``retrying``, its retry due and enqueued); its
-        message waits in kombu's hash of unacknowledged messages until the visibility timeout
-        (``job_timeout_seconds`` + 5 min). A live worker hands a message over in milliseconds and
-        takes the job's lock, so such a job whose message has been held for longer than
-        ``lock_ttl_seconds``, without a lock (and, retrying, not waiting for its time), lost its
-        worker: it is queued again (once, like an orphan), and then the held message forgotten."""
-        if not self._sweep_lock("unstarted", max(1.0, self.settings.recovery.scan_interval_seconds)):
+    def recover_untaken(self) -> list[str]:
+        """Jobs whose message a worker took off its queue, and which it never started: it died
+        while it handed the job to its pool (``kill -9``, a machine lost). Such a job is still
+        ``queued`` (or ``retrying``, its retry enqueued), and its message is gone with the
+        worker's memory; only the queue's waiting index still has it (service/queue.py).
+
+        A queue is a FIFO list: a message put there well before (``lock_ttl_seconds``: more than
+        any two API processes' clocks or stalls differ by) the one next in line, or at all when
+        the queue is empty, was taken. Its pool process removes its entry when it takes the
+        job's lock, milliseconds later; an entry of a job without a lock that is still there on
+        the next scan belongs to a message lost with its worker. The job is queued again (once,
+        like an orphan). Entries of jobs that have ended, run or wait for their retry's time are
+        left over (a version before the index, a worker that died at the wrong moment): removed."""
+        if not self._sweep_lock("untaken", max(1.0, self.settings.recovery.scan_interval_seconds)):
             return []
         client = self.store.redis
-        cutoff = time.time() - self.settings.recovery.lock_ttl_seconds
-        requeued, start = [], 0
-        while True:  # oldest first; most are running jobs' (acknowledged when they end), which hold their lock
-            tags = client.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=start, num=HELD_SCAN_BATCH)
-            if not tags:
-                return requeued
-            start += len(tags)
-            held = [(tag, job_id) for tag, job_id in zip(tags, map(JobQueue.job_of, client.hmget(UNACKED, tags))) if job_id]
+        margin = self.settings.recovery.lock_ttl_seconds
+        requeued = []
+        for queue in client.smembers(QUEUES_KEY):
+            key, bound = waiting_key(queue), time.time() - margin
+            head = client.lindex(queue, -1)  # the message next in line (consumers BRPOP)
+            if head is not None:
+                score = client.zscore(key, JobQueue.job_of(head) or "")
+                if score is None:
+                    continue  # taken meanwhile, or from before the index: look again next scan
+                bound = min(bound, score - margin)
+            taken = client.zrangebyscore(key, "-inf", f"({bound}", start=0, num=UNTAKEN_SCAN_BATCH)
+            if not taken:
+                continue
             pipe = client.pipeline(transaction=False)
-            for _, job_id in held:
+            for job_id in taken:
                 pipe.exists(self.store.job_lock_key(job_id))
-            for (tag, job_id), locked in zip(held, pipe.execute()):
-                if not locked and self._requeue_unstarted(job_id):
-                    # Enqueued first, then the held message forgotten: a crash in between means a
-                    # duplicate delivery (an hour later), which the job lock and the state check absorb.
-                    client.pipeline(transaction=True).hdel(UNACKED, tag).zrem(UNACKED_INDEX, tag).execute()
-                    start -= 1
+            for job_id, locked in zip(taken, pipe.execute()):
+                if not locked and self._requeue_untaken(job_id, queue):
                     requeued.append(job_id)
+        return requeued
 
-    def _requeue_unstarted(self, job_id: str) -> bool:
+    def _requeue_untaken(self, job_id: str, queue: str) -> bool:
+        client, key = self.store.redis, waiting_key(queue)
         job = self.store.get(job_id)
-        if job is None or job["state"] not in ("queued", "retrying"):
-            return False  # running (recover_orphans' case), ended or expired: not this rule's
-        if job["state"] == "retrying" and self.store.is_scheduled(job_id):
-            return False  # its next attempt waits for its time (the attempt before ended a moment ago)
-        if not self.store.redis.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
-            return False  # queued again already: this held message is looked at again once the mark expires
-        log.warning("job's worker died handing it to its pool; enqueueing it again", extra={"job_id": job_id})
-        self.queue.enqueue(job_id, queue_for(job))
+        if job is None or job["state"] not in ("queued", "retrying") or (job["state"] == "retrying" and self.store.is_scheduled(job_id)):
+            client.zrem(key, job_id)  # left over: the job ended, runs (orphans are recover_orphans'), or waits for its time
+            return False
+        # seen twice, a scan apart: a live worker takes the job's lock milliseconds after its message
+        suspect_for = int(max(10, 3 * self.settings.recovery.scan_interval_seconds))
+        if client.set(f"imagepub:supervisor:untaken:{job_id}", self.name, nx=True, ex=suspect_for):
+            return False
+        if not client.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
+            return False  # queued again already (that message was taken and lost too): once the mark expires
+        log.warning("job's message was taken by a worker that died before it started the job; enqueueing it again",
+                    extra={"job_id": job_id})
+        self.queue.enqueue(job_id, queue)  # its entry's score becomes now: a message in line again
+        client.delete(f"imagepub:supervisor:untaken:{job_id}")
         return True
 
     def sweep_uploads(self) -> list[str]:

@@ -9,9 +9,9 @@ from .deps import get_deps
 from .jobs import run
 
 
-@app.task(name=RUN_JOB)
-def run_job(job_id: str) -> None:
-    run(job_id, get_deps())
+@app.task(name=RUN_JOB, bind=True)
+def run_job(self, job_id: str) -> None:
+    run(job_id, get_deps(), queue=(self.request.delivery_info or {}).get("routing_key"))
 
 
 @app.task(name=DELIVER_WEBHOOK)

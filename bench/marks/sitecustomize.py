@@ -7,8 +7,8 @@ anything else (``site``'s sitecustomize). Each process of the worker then append
 
 - ``read``: the main process' event loop finds the Redis connection of its ``BRPOP`` readable
   (kombu ``Channel._brpop_read``): the message is there;
-- ``held``: kombu has recorded it as delivered and unacknowledged (``QoS.append``: a Redis
-  transaction, the broker's own bookkeeping for redelivery);
+- ``held``: kombu has recorded it as delivered and unacknowledged (``QoS.append``: in memory;
+  with its acknowledgement emulation, which imagepub turns off, after a Redis transaction);
 - ``received``: Celery has made the task request (``task_received``), before handing it to the
   pool;
 - ``prerun``: a pool process starts the task (``task_prerun``).
@@ -26,6 +26,7 @@ if _DIRECTORY:
 
     from celery import signals
     from kombu.transport import redis as _redis_transport
+    from kombu.transport.virtual import base as _virtual
 
     _files: dict[int, int] = {}
 
@@ -37,7 +38,7 @@ if _DIRECTORY:
         os.write(fd, f"{time.time():.6f} {moment}\n".encode())
 
     _brpop_read = _redis_transport.Channel._brpop_read
-    _append = _redis_transport.QoS.append
+    _append = _virtual.QoS.append  # the Redis transport's own QoS ends in it too
 
     def _read(self, **options):
         mark("read")
@@ -49,6 +50,6 @@ if _DIRECTORY:
         return result
 
     _redis_transport.Channel._brpop_read = _read
-    _redis_transport.QoS.append = _held
+    _virtual.QoS.append = _held
     signals.task_received.connect(lambda **_: mark("received"), weak=False)
     signals.task_prerun.connect(lambda **_: mark("prerun"), weak=False)

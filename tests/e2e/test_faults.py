@@ -31,6 +31,7 @@ import time
 import pytest
 import redis
 
+from service.queue import QUEUES_KEY, waiting_key
 from service_process import Service, base_config
 from slow_proxy import SlowProxy
 from webhook_receiver import Receiver
@@ -311,18 +312,16 @@ def _pool_processes(svc: Service) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def _held_by_a_consumer(client: redis.Redis, job_id: str) -> bool:
-    """Is the job's message in kombu's unacknowledged hash (taken off the queue by a worker's
-    main process: handed to a pool process, or about to be)?"""
-    return any(job_id in raw for raw in client.hvals("unacked"))
+def _in_a_queue(client: redis.Redis, job_id: str) -> bool:
+    """Is a message of the job still in one of the job queues (not yet taken by a worker)?"""
+    return any(job_id in message for queue in client.smembers(QUEUES_KEY) for message in client.lrange(queue, 0, -1))
 
 
 def test_kill_after_a_worker_took_the_message_before_the_job_started(faulty, stack, rng, unique):
     """The whole worker dies after its main process took the job's message off the queue and
     before a pool process began the job (a machine lost during the hand-off). The job is still
-    queued; its message waits in kombu's unacknowledged hash, which kombu hands back only after
-    its visibility timeout (job_timeout_seconds + 5 min). The next worker's supervisor finds the
-    job instead and queues it again."""
+    queued and its message is gone with the worker. The next worker's supervisor finds it from
+    the queue's waiting index, and queues it again."""
     t = Trial(faulty, "kill: message taken, job not started", rng)
     client = redis.Redis.from_url(faulty.redis_url, decode_responses=True)
     paused = _pool_processes(faulty)
@@ -332,7 +331,8 @@ def test_kill_after_a_worker_took_the_message_before_the_job_started(faulty, sta
         source = big_image(stack, f"fault-handoff-{unique}:v1", megabytes=2, layers=1)
         job = publish(faulty.api, source, f"faults/handoff-{unique}", registry="local")
         deadline = time.monotonic() + 30
-        while not _held_by_a_consumer(client, job["id"]):
+        time.sleep(0.2)
+        while _in_a_queue(client, job["id"]):
             assert time.monotonic() < deadline, "the worker never took the message"
             time.sleep(0.02)
         assert faulty.api.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"
@@ -347,7 +347,8 @@ def test_kill_after_a_worker_took_the_message_before_the_job_started(faulty, sta
     done = t.wait(job["id"], timeout=30 + LOCK_TTL + SCAN_INTERVAL)
     assert done["state"] == "succeeded" and done["attempts"] == 1 and done.get("worker_losses", 0) == 0, done
     assert stack.registry_digest(stack.registry, f"faults/handoff-{unique}", "v1") == done["targets"][0]["digest"]
-    assert not _held_by_a_consumer(client, job["id"])  # nor handed back an hour later, to run again
+    assert not _in_a_queue(client, job["id"])  # nothing left to run it again
+    assert all(client.zscore(waiting_key(queue), job["id"]) is None for queue in client.smembers(QUEUES_KEY))
 
 
 @trials

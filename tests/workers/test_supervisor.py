@@ -1,7 +1,7 @@
-"""Which held messages the supervisor takes for jobs whose worker died handing them to its pool
-(``Supervisor.recover_unstarted``), on the stack's Redis. Messages are held where kombu's Redis
-transport holds a delivered, unacknowledged one; the whole fault, with a real worker killed
-mid-hand-off, is ``tests/e2e/test_faults.py::test_kill_after_a_worker_took_the_message_before_the_job_started``."""
+"""How the supervisor finds jobs whose message a worker took off its queue and lost before it
+started them (``Supervisor.recover_untaken``), on the stack's Redis: queues, waiting indexes and
+job locks as the API and the workers write them. The whole fault, a real worker killed during
+the hand-off, is ``tests/e2e/test_faults.py::test_kill_after_a_worker_took_the_message_before_the_job_started``."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import pytest
 from service import config
 from service.jobs import new_job
 from service.jobstore import JobStore
-from service.queue import DAEMONS_QUEUE, JobQueue
+from service.queue import DAEMONS_QUEUE, JobQueue, waiting_key
 from service.routing import queue_for
-from workers.supervisor import UNACKED, UNACKED_INDEX, Supervisor
+from workers.supervisor import Supervisor
 
 LOCK_TTL = 2.0
+WAITING = waiting_key(DAEMONS_QUEUE)
 
 
 @pytest.fixture
@@ -32,87 +33,88 @@ def parts(stack, tmp_path):
     store.redis.flushdb()
 
 
-def _job(store: JobStore, state: str = "queued") -> str:
-    """A publish of a daemon's image: routed to the daemons' queue (service/routing.py)."""
+def _submit(store: JobStore, queue: JobQueue, age: float = 0.0, state: str = "queued") -> str:
+    """A publish of a daemon's image (the daemons' queue), stored and queued as the API does,
+    its message put there ``age`` seconds ago."""
     job = new_job("publish", {"source": "app:1", "targets": [{"registry": "local", "repository": "team/app", "tags": ["1"]}]})
     assert queue_for(job) == DAEMONS_QUEUE
-    store.create(job)
+    store.create(job, queue.message(job["id"], DAEMONS_QUEUE), queue=DAEMONS_QUEUE)
+    store.redis.zadd(WAITING, {job["id"]: time.time() - age})
     if state != "queued":
         store.save({**job, "state": state}, event="state")
     return job["id"]
 
 
-def _hold(store: JobStore, message: str, age: float) -> str:
-    """Hold ``message`` as kombu does between delivering it and its acknowledgement."""
-    tag = json.loads(message)["properties"]["delivery_tag"]
-    store.redis.hset(UNACKED, tag, json.dumps([json.loads(message), "", DAEMONS_QUEUE]))
-    store.redis.zadd(UNACKED_INDEX, {tag: time.time() - age})
-    return tag
+def _take(store: JobStore) -> str:
+    """A worker's main process takes the message next in line (BRPOP): the job id it carries."""
+    return JobQueue.job_of(store.redis.rpop(DAEMONS_QUEUE))
 
 
 def _queued(store: JobStore) -> list[str]:
-    return [JobQueue.job_of(json.dumps([json.loads(raw)])) for raw in store.redis.lrange(DAEMONS_QUEUE, 0, -1)]
+    return [JobQueue.job_of(raw) for raw in store.redis.lrange(DAEMONS_QUEUE, 0, -1)]
 
 
-def test_a_queued_job_held_past_the_lock_ttl_is_queued_again_once(parts):
+def _scan(supervisor: Supervisor, store: JobStore) -> list[str]:
+    store.redis.delete("imagepub:supervisor:untaken")  # the sweep lock: one scan after another
+    return supervisor.recover_untaken()
+
+
+def test_a_job_taken_off_an_empty_queue_and_lost_is_queued_again_on_the_second_look(parts):
     store, queue, supervisor = parts
-    job_id = _job(store)
-    tag = _hold(store, queue.message(job_id), age=LOCK_TTL + 1)
-    assert supervisor.recover_unstarted() == [job_id]
+    job_id = _submit(store, queue, age=LOCK_TTL + 1)
+    assert _take(store) == job_id  # ... and the worker dies
+    assert _scan(supervisor, store) == []  # seen once: a live worker would take its lock in milliseconds
+    assert _scan(supervisor, store) == [job_id]
     assert _queued(store) == [job_id]
-    assert not store.redis.hexists(UNACKED, tag) and store.redis.zscore(UNACKED_INDEX, tag) is None
-    store.redis.delete("imagepub:supervisor:unstarted")
-    assert supervisor.recover_unstarted() == [] and _queued(store) == [job_id]
+    assert time.time() - store.redis.zscore(WAITING, job_id) < 1  # in line again, from now
+    assert _scan(supervisor, store) == [] and _scan(supervisor, store) == []  # once
 
 
-def test_a_due_retry_held_past_the_lock_ttl_is_queued_again_but_not_one_that_waits_for_its_time(parts):
+def test_a_job_taken_before_the_message_now_in_line_and_lost_is_queued_again(parts):
     store, queue, supervisor = parts
-    due, waiting = _job(store, state="retrying"), _job(store, state="retrying")
-    store.schedule(waiting, time.time() + 60)  # its attempt just failed; the ack is on its way
-    for job_id in (due, waiting):
-        _hold(store, queue.message(job_id), age=LOCK_TTL + 1)
-    assert supervisor.recover_unstarted() == [due]
-    assert _queued(store) == [due]
+    lost = _submit(store, queue, age=3 * LOCK_TTL + 1)
+    waiting = [_submit(store, queue, age=age) for age in (LOCK_TTL + 0.5, 0.5)]
+    assert _take(store) == lost
+    _scan(supervisor, store)
+    assert _scan(supervisor, store) == [lost]
+    assert sorted(_queued(store)) == sorted(waiting + [lost])
 
 
-def test_what_is_no_lost_hand_off_is_left_alone(parts):
+def test_jobs_still_in_line_or_being_taken_or_ended_are_not_queued_again(parts):
     store, queue, supervisor = parts
-    young = _job(store)
-    running = _job(store, state="running")
-    ended = _job(store, state="succeeded")
-    being_taken = _job(store)
-    store.redis.set(store.job_lock_key(being_taken), "a worker's lease")
-    marked = _job(store)  # queued again already; that message too was taken and lost
-    store.redis.set(store.requeued_key(marked), "another supervisor")
-    old = LOCK_TTL + 1
-    kept = [_hold(store, queue.message(young), age=0.1), _hold(store, queue.message(running), age=old),
-            _hold(store, queue.message(ended), age=old), _hold(store, queue.message(being_taken), age=old),
-            _hold(store, queue.message(marked), age=old)]
-    control = json.loads(queue.message(_job(store)))
-    control["headers"]["task"] = "imagepub.control.images"
-    kept.append(_hold(store, json.dumps(control), age=old))
-    store.redis.hset(UNACKED, "garbage", "not json")
-    store.redis.zadd(UNACKED_INDEX, {"garbage": time.time() - old})
-    assert supervisor.recover_unstarted() == []
-    assert _queued(store) == []
-    assert all(store.redis.hexists(UNACKED, tag) for tag in kept + ["garbage"])
+    in_line = [_submit(store, queue, age=age) for age in (60, 50)]  # a backlog: old, but in line
+    young = _submit(store, queue, age=0.1)
+    assert _take(store) == in_line[0]
+    store.redis.set(store.job_lock_key(in_line[0]), "a worker's lease")  # taken and locked: running
+    ended = _submit(store, queue, age=60, state="succeeded")
+    retry_waits = _submit(store, queue, age=60, state="retrying")
+    store.schedule(retry_waits, time.time() + 60)
+    for job_id in (ended, retry_waits, young):  # their messages were taken long ago
+        store.redis.lrem(DAEMONS_QUEUE, 1, next(m for m in store.redis.lrange(DAEMONS_QUEUE, 0, -1) if job_id in m))
+    for _ in range(3):
+        assert _scan(supervisor, store) == []
+    assert _queued(store) == [in_line[1]]
+    assert {m.decode() if isinstance(m, bytes) else m for m in store.redis.zrange(WAITING, 0, -1)} == {in_line[0], in_line[1], young}
+    # left over entries are gone: the ended job's and the one whose retry waits for its time
 
 
-def test_every_held_message_is_looked_at_however_many_running_jobs_hold_theirs(parts, monkeypatch):
-    """Most held messages are running jobs' (acknowledged when they end), oldest first; the scan
-    pages past them, and past the entries it removes."""
-    import workers.supervisor
+def test_a_taken_job_whose_worker_takes_its_lock_leaves_the_index(parts):
+    """What the worker's pool process does (Guard.acquire): the lock and the entry, together."""
+    from workers.jobs import Guard
 
-    monkeypatch.setattr(workers.supervisor, "HELD_SCAN_BATCH", 2)
     store, queue, supervisor = parts
-    running = []
-    for age in (60, 50, 40):
-        job_id = _job(store, state="running")
-        store.redis.set(store.job_lock_key(job_id), "its worker's lease")
-        running.append(_hold(store, queue.message(job_id), age=age))
-    lost = [_job(store) for _ in range(3)]
-    for age, job_id in zip((30, 20, 10), lost):
-        _hold(store, queue.message(job_id), age=age)
-    assert supervisor.recover_unstarted() == lost
-    assert sorted(_queued(store)) == sorted(lost)
-    assert store.redis.hlen(UNACKED) == 3 and all(store.redis.hexists(UNACKED, tag) for tag in running)
+
+    class Parts:  # what Guard reads of a worker's Deps
+        def __init__(self):
+            self.store, self.redis, self.settings = store, store.redis, supervisor.settings
+
+    job_id = _submit(store, queue, age=LOCK_TTL + 1)
+    _take(store)
+    guard = Guard(Parts(), job_id, DAEMONS_QUEUE)
+    taken, job = guard.acquire()
+    try:
+        assert taken and job["id"] == job_id
+        assert store.redis.zscore(WAITING, job_id) is None
+        assert _scan(supervisor, store) == [] and _scan(supervisor, store) == []
+    finally:
+        guard.release()
