@@ -9,8 +9,8 @@ not go through Celery, for two reasons:
   one pool, which jobs and registry operations share. Here deliveries run on
   ``webhooks.concurrency`` threads of their own, each ending within ``webhooks.timeout_seconds``;
 - a Celery message (or a ``countdown`` retry, held unacknowledged in a worker's memory) of a
-  worker killed with ``kill -9`` comes back only after the broker's visibility timeout, over an
-  hour here. An outbox entry is leased instead: claimed atomically by one dispatcher (its score
+  worker killed with ``kill -9`` is gone with it (kombu's acknowledgement emulation, which
+  imagepub turns off, would bring it back only after a visibility timeout of over an hour). An outbox entry is leased instead: claimed atomically by one dispatcher (its score
   moves to now + lease, where no other dispatcher looks), settled when the attempt ends, and due
   again when the lease passes without that — a killed worker delays its webhooks by one lease.
 
