@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -56,9 +57,16 @@ def test_build_and_publish_with_two_tags(api, stack, unique):
     built = stack.docker().api.inspect_image(job["build"]["image_id"])
     assert built["Config"]["Labels"]["greeting"] == "hello" and built["Config"]["Labels"]["org.imagepub.job"] == job["id"]
 
-    images = api.get("/v1/images", params={"reference": "imagepub-build"}).json()
-    assert job["build"]["image_id"] in [image["id"] for image in images["images"]]
-    listed = next(image for image in images["images"] if image["id"] == job["build"]["image_id"])
+    # The listing reads the daemon's image index, which the worker rewrites a moment after each
+    # burst of the daemon's image events (service/fleet.py): the build's image is in it soon.
+    deadline = time.monotonic() + 20
+    while True:
+        images = api.get("/v1/images", params={"reference": "imagepub-build"}).json()["images"]
+        listed = next((image for image in images if image["id"] == job["build"]["image_id"]), None)
+        if listed is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert listed is not None, images
     assert f"imagepub-build:{job['id']}" in listed["tags"] and listed["size"] >= len(payload)
 
 
