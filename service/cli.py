@@ -47,16 +47,14 @@ def _daemon_name(value: str) -> str:
 
 def _worker(args: argparse.Namespace) -> None:
     from . import config
-    from .queue import CONTROL_QUEUE, DAEMONS_QUEUE, JOBS_QUEUE, daemon_queue
+    from .queue import CONTROL_QUEUE, job_queues
 
     if args.no_daemon:
         os.environ["IMAGEPUB_DAEMON_NAME"] = ""  # the worker's settings say: no daemon
     elif args.daemon:
         os.environ["IMAGEPUB_DAEMON_NAME"] = args.daemon
     daemon = config.load().daemon_name
-    # jobs: the daemon's own queue first, then the daemons' (any daemon), then the shared one
-    jobs = ([daemon_queue(daemon), DAEMONS_QUEUE] if daemon else []) + [JOBS_QUEUE]
-    chosen = {"jobs": jobs, "control": [CONTROL_QUEUE]}
+    chosen = {"jobs": job_queues(daemon), "control": [CONTROL_QUEUE]}
     chosen = [queue for name in args.queues.split(",") for queue in chosen[name]]
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "--quiet", "worker",
             "--queues", ",".join(chosen), "--loglevel", args.loglevel, "--without-mingle", "--without-gossip"]

@@ -47,7 +47,7 @@ import redis
 from .jobcache import JobCache
 from .metrics import KEY as METRICS_KEY
 from .metrics import Metrics, metric_field
-from .queue import JOBS_QUEUE, QUEUES_KEY, waiting_key
+from .queue import JOBS_QUEUE, waiting_key
 
 KINDS = ("publish", "pull", "build", "copy")
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -94,8 +94,8 @@ return 1
 
 
 # KEYS: job, events, jobs queue, idempotency key (or a dummy), the fleet's daemons hash, the
-# index of queued jobs, the queue's waiting index and the set of queues (service/queue.py), then
-# every index the job belongs to (JobStore._indexes). ARGV: record, id, metric field, queue
+# index of queued jobs, the queue's waiting index (service/queue.py), then every index the job
+# belongs to (JobStore._indexes). ARGV: record, id, metric field, queue
 # message ('' for none), the idempotency key's lifetime ('' for none) and its binding
 # (``{id} {request hash}``), the number of daemons the placement saw ('' for no check) and the
 # one it chose ('' for none), the most jobs that may be queued ('' for no cap), the time the
@@ -116,7 +116,7 @@ if ARGV[7] ~= '' then
 end
 if ARGV[9] ~= '' and redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[9]) then return 3 end
 redis.call('SET', KEYS[1], ARGV[1])
-for i = 9, #KEYS do
+for i = 8, #KEYS do
   redis.call('ZADD', KEYS[i], 0, ARGV[2])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', %d, '*', 'type', 'state', 'job', ARGV[1])
@@ -124,7 +124,6 @@ redis.call('HINCRBY', '%s', ARGV[3], 1)
 if ARGV[4] ~= '' then
   redis.call('LPUSH', KEYS[3], ARGV[4])
   redis.call('ZADD', KEYS[7], ARGV[10], ARGV[2])
-  redis.call('SADD', KEYS[8], KEYS[3])
 end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[6], 'EX', tonumber(ARGV[5])) end
 return 1
@@ -370,7 +369,7 @@ class JobStore:
         request_hash, ttl = idempotency if idem and idempotency else ("", "")
         fleet_key, daemons, chosen = fleet if fleet else (f"{self.prefix}fleet:daemons", "", "")
         keys = [self.job_key(job["id"]), self.events_key(job["id"]), queue, idem or self.job_key(job["id"]) + ":no-idem",
-                fleet_key, self.index_key(state="queued"), waiting_key(queue), QUEUES_KEY, *self._indexes(job)]
+                fleet_key, self.index_key(state="queued"), waiting_key(queue), *self._indexes(job)]
         args = [record, job["id"], metric_field("imagepub_jobs_submitted", {"kind": job["kind"]}), message or "",
                 str(ttl), f"{job['id']} {request_hash}", str(daemons), chosen, "" if max_queued is None else str(max_queued),
                 f"{time.time():.6f}"]

@@ -35,6 +35,12 @@ def daemon_queue(daemon: str) -> str:
     return f"imagepub.daemon.{daemon}"
 
 
+def job_queues(daemon: str | None) -> list[str]:
+    """The job queues a worker of ``daemon`` (None: without one) takes jobs from, in order: the
+    daemon's own queue first, then the daemons' (any daemon), then the shared one."""
+    return ([daemon_queue(daemon), DAEMONS_QUEUE] if daemon else []) + [JOBS_QUEUE]
+
+
 # What no broker keeps: which jobs have a message waiting in a queue. kombu's Redis transport
 # runs without its acknowledgement emulation (make_celery), so a message a worker has taken is
 # in that worker's memory only until its pool process takes the job's lock. Every message of a
@@ -43,7 +49,7 @@ def daemon_queue(daemon: str) -> str:
 # the same round trip (workers/jobs.py, Guard.acquire). Each queue is a FIFO list, so an entry
 # scored well before the message next in line belongs to a message that was taken: one still
 # there, without a lock, a scan later, was lost with its worker (workers/supervisor.py).
-QUEUES_KEY = "imagepub:queues"  # the queues that have had a waiting index
+QUEUES_KEY = "imagepub:queues"  # the job queues workers take from (each worker's supervisor adds its own)
 
 
 def waiting_key(queue: str) -> str:
@@ -150,5 +156,4 @@ class JobQueue:
             pipe = connection.default_channel.client.pipeline(transaction=True)
             pipe.lpush(queue, self.message(job_id, queue))
             pipe.zadd(waiting_key(queue), {job_id: time.time()})
-            pipe.sadd(QUEUES_KEY, queue)
             pipe.execute()

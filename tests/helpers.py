@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 
@@ -12,6 +11,8 @@ from pathlib import Path
 
 from openapi_core import Config, OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
+
+from service.queue import JobQueue
 
 SPEC = Path(__file__).resolve().parents[1] / "openapi.yaml"
 _openapi = OpenAPI.from_file_path(
@@ -91,13 +92,7 @@ def job_queues(redis_client) -> list[str]:
 
 def queued_job_ids(redis_client) -> list[str]:
     """Job ids in the Celery messages waiting on the job queues (kombu's Redis lists)."""
-    ids = []
-    raws = [raw for queue in job_queues(redis_client) for raw in redis_client.lrange(queue, 0, -1)]
-    for raw in raws:
-        message = json.loads(raw)
-        body = json.loads(base64.b64decode(message["body"]))
-        ids.append(body[0][0])
-    return ids
+    return [JobQueue.job_of(raw) for queue in job_queues(redis_client) for raw in redis_client.lrange(queue, 0, -1)]
 
 
 def parse_sse(text: str) -> list[dict]:

@@ -27,7 +27,7 @@ from service.artifacts import ORPHAN_GRACE_SECONDS
 from service.config import Settings
 from service.fleet import Fleet
 from service.jobstore import TERMINAL_STATES, JobStore
-from service.queue import QUEUES_KEY, JobQueue, waiting_key
+from service.queue import QUEUES_KEY, JobQueue, job_queues, waiting_key
 from service.routing import queue_for
 
 from .artifacts import Artifacts
@@ -52,9 +52,15 @@ class Supervisor:
         self._thread = threading.Thread(target=self._loop, name="imagepub-supervisor", daemon=True)
 
     def start(self) -> None:
+        self.register_queues()
         self.fleet.register(self.name, self.info)
         self._touch_alive_file()
         self._thread.start()
+
+    def register_queues(self) -> None:
+        """Add the job queues this worker takes from to those recover_untaken looks at: a message
+        is only ever taken, and lost, from a queue some worker takes from."""
+        self.store.redis.sadd(QUEUES_KEY, *job_queues(self.settings.daemon_name))
 
     def stop(self) -> None:
         """At a warm shutdown: leave the fleet at once (not after the heartbeat's age) and
@@ -122,22 +128,28 @@ class Supervisor:
     def recover_orphans(self) -> list[str]:
         if not self._sweep_lock("orphans", max(1.0, self.settings.recovery.scan_interval_seconds)):
             return []
-        running = self.store.running_ids()
-        if not running:
-            return []
-        pipe = self.store.redis.pipeline(transaction=False)
-        for job_id in running:
-            pipe.exists(self.store.job_lock_key(job_id))
-        orphans = [job_id for job_id, locked in zip(running, pipe.execute()) if not locked]
         requeued = []
-        for job_id in orphans:
-            # once: until a worker takes the job (which clears the mark), or the mark expires
-            # (a message lost with an unpersisted Redis)
-            if self.store.redis.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
+        for job_id in self._without_lock(self.store.running_ids()):
+            if self._mark_requeued(job_id):
                 log.warning("job lost its worker; enqueueing it again", extra={"job_id": job_id})
                 self._enqueue(job_id)
                 requeued.append(job_id)
         return requeued
+
+    def _without_lock(self, job_ids: list[str]) -> list[str]:
+        """Those of ``job_ids`` whose job lock nobody holds (one round trip)."""
+        if not job_ids:
+            return []
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self.store.job_lock_key(job_id))
+        return [job_id for job_id, locked in zip(job_ids, pipe.execute()) if not locked]
+
+    def _mark_requeued(self, job_id: str) -> bool:
+        """Whether this supervisor may queue ``job_id`` again: once, until a worker takes the job
+        (which clears the mark), or the mark expires (that message was lost too, or with an
+        unpersisted Redis)."""
+        return bool(self.store.redis.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS))
 
     def recover_untaken(self) -> list[str]:
         """Jobs whose message a worker took off its queue, and which it never started: it died
@@ -166,14 +178,7 @@ class Supervisor:
                     continue  # taken meanwhile, or from before the index: look again next scan
                 bound = min(bound, score - margin)
             taken = client.zrangebyscore(key, "-inf", f"({bound}", start=0, num=UNTAKEN_SCAN_BATCH)
-            if not taken:
-                continue
-            pipe = client.pipeline(transaction=False)
-            for job_id in taken:
-                pipe.exists(self.store.job_lock_key(job_id))
-            for job_id, locked in zip(taken, pipe.execute()):
-                if not locked and self._requeue_untaken(job_id, queue):
-                    requeued.append(job_id)
+            requeued += [job_id for job_id in self._without_lock(taken) if self._requeue_untaken(job_id, queue)]
         return requeued
 
     def _requeue_untaken(self, job_id: str, queue: str) -> bool:
@@ -183,15 +188,15 @@ class Supervisor:
             client.zrem(key, job_id)  # left over: the job ended, runs (orphans are recover_orphans'), or waits for its time
             return False
         # seen twice, a scan apart: a live worker takes the job's lock milliseconds after its message
-        suspect_for = int(max(10, 3 * self.settings.recovery.scan_interval_seconds))
-        if client.set(f"imagepub:supervisor:untaken:{job_id}", self.name, nx=True, ex=suspect_for):
+        seen = f"imagepub:supervisor:untaken:{job_id}"
+        if client.set(seen, self.name, nx=True, ex=int(max(10, 3 * self.settings.recovery.scan_interval_seconds))):
             return False
-        if not client.set(self.store.requeued_key(job_id), self.name, nx=True, ex=REQUEUE_MARK_SECONDS):
-            return False  # queued again already (that message was taken and lost too): once the mark expires
+        if not self._mark_requeued(job_id):
+            return False  # queued again already: looked at again once the mark expires
         log.warning("job's message was taken by a worker that died before it started the job; enqueueing it again",
                     extra={"job_id": job_id})
         self.queue.enqueue(job_id, queue)  # its entry's score becomes now: a message in line again
-        client.delete(f"imagepub:supervisor:untaken:{job_id}")
+        client.delete(seen)
         return True
 
     def sweep_uploads(self) -> list[str]:

@@ -5,7 +5,6 @@ re-run on its own daemon while the other daemon's jobs go on."""
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import subprocess
@@ -14,6 +13,7 @@ import time
 import pytest
 import redis
 
+from service.queue import JobQueue
 from service_process import Service, base_config, imagepub_command
 
 
@@ -56,7 +56,7 @@ def _indexed(api, name: str, daemon: str) -> bool:
 
 def _ids_on(r, queue: str) -> list[str]:
     """The job ids of the messages waiting on ``queue``."""
-    return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0] for raw in r.lrange(queue, 0, -1)]
+    return [JobQueue.job_of(raw) for raw in r.lrange(queue, 0, -1)]
 
 
 def publish(api, source: str, repository: str, tag: str = "v1", **extra) -> dict:

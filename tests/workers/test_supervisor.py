@@ -29,7 +29,9 @@ def parts(stack, tmp_path):
     store = JobStore.from_config(settings)
     store.redis.flushdb()
     queue = JobQueue.from_config(settings)
-    yield store, queue, Supervisor(settings, store, queue, "test-supervisor")
+    supervisor = Supervisor(settings, store, queue, "test-supervisor")
+    supervisor.register_queues()  # as it does when its worker starts: a worker of a daemon takes from the daemons' queue
+    yield store, queue, supervisor
     store.redis.flushdb()
 
 
