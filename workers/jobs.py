@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -55,15 +56,16 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 class Guard:
     """While a job runs: holds its leases (its job lock first) and keeps them alive, and notices
-    a cancellation, from a thread."""
+    a cancellation, from the process' watcher thread (:class:`_Watcher`)."""
 
     def __init__(self, deps: Deps, job_id: str, queue: str | None = None):
         self.deps, self.job_id, self.queue = deps, job_id, queue
         self.ttl = deps.settings.recovery.lock_ttl_seconds
         self.leases = Leases(deps.redis, self.ttl)
         self.cancelled = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name=f"guard-{job_id[:8]}", daemon=True)
+        self._watched = False
+        self._ticking = threading.Lock()  # a tick and the release never overlap
+        self._last_renewal = 0.0
 
     def acquire(self) -> tuple[bool, dict[str, Any] | None]:
         """Take the job's lock and, in the same round trip, read its record (current: nobody
@@ -81,22 +83,29 @@ class Guard:
         taken, (_, raw, *_) = self.leases.take_with(store.job_lock_key(self.job_id), also)
         if not taken:
             return False, None
-        self._thread.start()
+        self._last_renewal = time.monotonic()
+        self._watched = True
+        _Watcher.of_this_process().add(self)
         return True, load_record(raw) if raw else None
 
     def release(self) -> None:
-        self._stop.set()
+        with self._ticking:
+            self._watched = False
+        _Watcher.of_this_process().discard(self)
         self.leases.give_back_all()
 
-    def _watch(self) -> None:
-        last_renewal = time.monotonic()
-        while not self._stop.wait(0.25):
+    def tick(self) -> None:
+        """The watcher's visit, every WATCH_SECONDS: a cancellation noticed, the leases renewed
+        once a third of their TTL has passed."""
+        with self._ticking:
+            if not self._watched:
+                return
             try:
                 if not self.cancelled.is_set() and self.deps.store.cancel_requested(self.job_id):
                     self.cancelled.set()
-                if time.monotonic() - last_renewal > self.ttl / 3:
+                if time.monotonic() - self._last_renewal > self.ttl / 3:
                     self.leases.renew()
-                    last_renewal = time.monotonic()
+                    self._last_renewal = time.monotonic()
             except redis.exceptions.RedisError as exc:  # Redis hiccup: try again next tick
                 log.warning("job guard: %s", exc.__class__.__name__, extra={"job_id": self.job_id})
 
@@ -104,6 +113,56 @@ class Guard:
         """Raise :class:`~service.errors.Cancelled` once the job has been cancelled."""
         if self.cancelled.is_set():
             raise errors.Cancelled("cancelled while running")
+
+
+class _Watcher:
+    """One thread per process that visits every running job's :class:`Guard`. Started with the
+    process' first job and kept: a thread started for each job cost that job ~0.13 ms before it
+    could start (docs/benchmarks.md). A pool process forked from a parent with a watcher starts
+    its own (threads do not survive a fork)."""
+
+    WATCH_SECONDS = 0.25
+    _mutex = threading.Lock()
+    _instance: "_Watcher | None" = None
+
+    def __init__(self):
+        self._guards: set[Guard] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="job-guards", daemon=True).start()
+
+    @classmethod
+    def of_this_process(cls) -> "_Watcher":
+        if cls._instance is None:
+            with cls._mutex:
+                if cls._instance is None:
+                    cls._instance = cls()
+        return cls._instance
+
+    def add(self, guard: Guard) -> None:
+        with self._lock:
+            self._guards.add(guard)
+
+    def discard(self, guard: Guard) -> None:
+        with self._lock:
+            self._guards.discard(guard)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.WATCH_SECONDS)
+            with self._lock:
+                guards = list(self._guards)
+            for guard in guards:
+                try:
+                    guard.tick()
+                except Exception:  # one guard's bug must not stop the renewals of the others
+                    log.exception("job guard failed", extra={"job_id": guard.job_id})
+
+    @classmethod
+    def _forget_in_child(cls) -> None:
+        cls._mutex, cls._instance = threading.Lock(), None  # the parent's may have been held at the fork
+
+
+os.register_at_fork(after_in_child=_Watcher._forget_in_child)
 
 
 class Progress:

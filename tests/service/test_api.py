@@ -23,6 +23,18 @@ def test_publish_is_stored_then_enqueued(client, redis_client):
     assert read == job
 
 
+def test_the_location_of_a_job_names_the_api_where_it_is_mounted(client, app):
+    """Behind a proxy that mounts the API under a path (SCRIPT_NAME), the 202's Location is the
+    URL Flask itself builds for the job there."""
+    resp = client.post("/v1/publish", json=GOOD, base_url="http://localhost/imagepub")
+    assert resp.status_code == 202
+    job_id = resp.get_json()["id"]
+    with app.test_request_context("/v1/publish", base_url="http://localhost/imagepub"):
+        from flask import url_for
+
+        assert resp.headers["Location"] == url_for("jobs.get_job", job_id=job_id) == f"/imagepub/v1/jobs/{job_id}"
+
+
 def test_pull_defaults_to_latest(client, redis_client):
     resp = client.post("/v1/pull", json={"registry": "local", "repository": "team/app"})
     assert resp.status_code == 202

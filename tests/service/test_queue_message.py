@@ -16,6 +16,7 @@ PER_SEND = {("headers", "id"), ("headers", "root_id"), ("headers", "origin"),
 def _comparable(raw: str) -> dict:
     message = json.loads(raw)
     message["body"] = json.loads(base64.b64decode(message["body"]))
+    assert message["headers"]["id"] == message["headers"]["root_id"] == message["properties"]["correlation_id"]
     for section, field in PER_SEND:
         assert message[section].pop(field), (section, field)  # present, and not empty
     return message
@@ -28,6 +29,12 @@ def test_job_message_matches_what_celery_sends(settings, redis_client):
     celerys = redis_client.lpop(JOBS_QUEUE)
     assert celerys is not None and redis_client.llen(JOBS_QUEUE) == 0
     assert _comparable(queue.message(job_id)) == _comparable(celerys)
+    # every message after the first is made from the first: still Celery's, with its own ids
+    again, other = json.loads(queue.message(job_id)), json.loads(queue.message(new_job_id(), "imagepub.daemon.x"))
+    assert _comparable(json.dumps(again)) == _comparable(celerys)
+    assert again["headers"]["id"] != other["headers"]["id"] and again["properties"]["delivery_tag"] != other["properties"]["delivery_tag"]
+    assert other["properties"]["delivery_info"] == {"exchange": "", "routing_key": "imagepub.daemon.x"}
+    assert JobQueue.job_of(json.dumps(other)) != job_id
 
 
 def test_an_unacknowledged_job_message_is_restored_to_the_jobs_queue(settings, redis_client):
