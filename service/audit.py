@@ -119,6 +119,12 @@ def _ms(moment: datetime) -> int:
     return max(0, int(moment.timestamp() * 1000))
 
 
+def _log_line(entry: dict[str, Any]) -> None:
+    """The entry as its JSON log line (logger ``audit``), with its job's id beside it as every
+    line about a job has it: an accepted submission's only line in the API's log."""
+    trail.info("audit", extra={"audit": entry, **({"job_id": entry["job_id"]} if entry.get("job_id") else {})})
+
+
 def shown(entry_id: str, seq: int, prev: bytes, hash_: bytes, entry: dict[str, Any]) -> dict[str, Any]:
     """An entry as the API, the export and the log line show it: every field, null when absent."""
     out: dict[str, Any] = {"id": entry_id, "seq": seq, "time": time_of(entry_id)}
@@ -215,7 +221,7 @@ class AuditLog:
         except redis.RedisError as exc:
             log.error("audit entries not stored: %s", exc.__class__.__name__)
             for entry in entries:
-                trail.info("audit", extra={"audit": {**{name: entry.get(name) for name in _SHORT}, "stored": False}})
+                _log_line({**{name: entry.get(name) for name in _SHORT}, "stored": False})
             return []
         return self._appended(bodies, flat)
 
@@ -245,7 +251,7 @@ class AuditLog:
         for i, body in enumerate(bodies):
             entry_id, seq, prev, hash_ = flat[4 * i: 4 * i + 4]
             out.append(shown(entry_id.decode(), int(seq), prev, hash_, decode(body)))
-            trail.info("audit", extra={"audit": out[-1]})
+            _log_line(out[-1])
         return out
 
     # --- reading ---
