@@ -148,7 +148,10 @@ def followers_phase(stack, args, res, log, svc: Imagepub, publish_body, seed_ids
                 log(f"followers phase, {label}, round {r + 1}/{rounds}: {result.brief()}")
         return out
 
-    alone = measure("no followers")
+    # The rounds without streams bracket those with them (before and after: A-B-A), so that the
+    # machine's drift over the phase, which on this shared machine is often larger than the
+    # effect measured, falls on both sides of each ratio.
+    before = measure("no followers, before")
     rss_before, _ = api_rss_bytes(svc.api_pid)
 
     # 50 running jobs, as a worker leaves them
@@ -188,6 +191,7 @@ def followers_phase(stack, args, res, log, svc: Imagepub, publish_body, seed_ids
         store.save(current, event="state")
         time.sleep(0.02)
     crowd.join(timeout=30)
+    after = measure("no followers, after")
 
     followers = crowd.followers
     statuses: dict[str, int] = {}
@@ -199,10 +203,17 @@ def followers_phase(stack, args, res, log, svc: Imagepub, publish_body, seed_ids
     worst = delays[-1] if delays else float("inf")
     p99 = delays[int(0.99 * (len(delays) - 1))] if delays else float("inf")
 
+    alone = {k: before[k] + after[k] for k in before}
     m_alone = {k: merge(v[0].name, v) for k, v in alone.items()}
     m_with = {k: merge(v[0].name + f" ({connected} followers open)", v) for k, v in with_followers.items()}
-    r_post = median([w.rps / a.rps for w, a in zip(with_followers["post"], alone["post"])])
-    r_get = median([w.rps / a.rps for w, a in zip(with_followers["get"], alone["get"])])
+
+    def ratio(key: str) -> float:
+        """Each round with the streams against the mean of the rounds without them that bracket
+        it: the first with the first before and the last after, and so on inwards."""
+        return median([w.rps / ((b.rps + a.rps) / 2)
+                       for w, b, a in zip(with_followers[key], before[key], reversed(after[key]))])
+
+    r_post, r_get = ratio("post"), ratio("get")
     n = len(followers)
     res.add("8 followers", f"{n:,} SSE followers of {n_jobs} running jobs: answers", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
             "—", None, "all 200", statuses.get("200", 0) == n)
@@ -224,6 +235,9 @@ def followers_phase(stack, args, res, log, svc: Imagepub, publish_body, seed_ids
              f"| terminal event received | {len(delays):,} of {n:,} |",
              f"| delay: median / p99 / max | {median(delays) * 1000 if delays else 0:.0f} ms / {p99 * 1000:.0f} ms / {worst * 1000:.0f} ms |",
              f"| API RSS: no streams → {n:,} open | {rss_before / 2**20:.0f} MiB → {rss_open / 2**20:.0f} MiB |", "",
+             "Throughput without the streams is measured before they open and again after they close, "
+             f"{rounds} round(s) of each load each time; each round with the streams open is divided by the mean of the "
+             "rounds without them that bracket it, and the ratio is the median of those.", "",
              "| load | req/s (no streams) | req/s (streams open) | p99 (no streams) | p99 (streams open) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for key in ("post", "get"):

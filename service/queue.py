@@ -140,7 +140,8 @@ class JobQueue:
             task_id, RUN_JOB, args=[""], kwargs={}, ignore_result=True, origin=self._origin,
             argsrepr="['']", kwargsrepr="{}",  # what saferepr() would say, without its cost
         )
-        assert headers["id"] == headers["root_id"] == properties["correlation_id"] == task_id
+        if not headers["id"] == headers["root_id"] == properties["correlation_id"] == task_id:
+            raise RuntimeError("Celery's message builder places the task id where JobQueue.message does not look")
         properties.update(delivery_mode=2, priority=0, body_encoding="base64")
         self._template = (headers, properties, body[2])
         return self._template
