@@ -545,7 +545,7 @@ class JobStore:
                         pipe.zrem(index, job_id)
                     for index in fresh - stale:
                         pipe.zadd(index, {job_id: 0})
-                    pipe.zrem(f"{self.prefix}delayed", job_id)
+                    pipe.zrem(self.delayed_key, job_id)
                     if job["request"].get("callback_url"):  # owed with the end, as in the save script
                         pipe.zadd(self.webhooks_key, {job_id: 0}, nx=True)
                     pipe.xadd(self.events_key(job_id), {"type": "state", "job": record}, maxlen=EVENTS_MAXLEN, approximate=True)
@@ -576,17 +576,21 @@ class JobStore:
 
     # --- retries waiting for their time ---
 
+    @property
+    def delayed_key(self) -> str:
+        return f"{self.prefix}delayed"
+
     def schedule(self, job_id: str, due: float) -> None:
-        self.redis.zadd(f"{self.prefix}delayed", {job_id: due})
+        self.redis.zadd(self.delayed_key, {job_id: due})
 
     def due(self, now: float, limit: int = 100) -> list[str]:
-        return self.redis.zrangebyscore(f"{self.prefix}delayed", "-inf", now, start=0, num=limit)
+        return self.redis.zrangebyscore(self.delayed_key, "-inf", now, start=0, num=limit)
 
     def unschedule(self, job_id: str) -> None:
-        self.redis.zrem(f"{self.prefix}delayed", job_id)
+        self.redis.zrem(self.delayed_key, job_id)
 
     def is_scheduled(self, job_id: str) -> bool:
-        return self.redis.zscore(f"{self.prefix}delayed", job_id) is not None
+        return self.redis.zscore(self.delayed_key, job_id) is not None
 
     # --- the webhook outbox (the save and cancel steps fill it; workers/outbox.py empties it) ---
 
