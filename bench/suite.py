@@ -432,6 +432,30 @@ def follow(svc: Imagepub, body: dict[str, Any], path: str = "/v1/publish") -> tu
     raise RuntimeError(f"job {job_id}: the event stream closed before a terminal state")
 
 
+WAKE_GAP = 0.05  # s of rest before a round trip that finds its server idle
+
+
+def wake_up_cost(server, n: int = 150) -> tuple[list[float], list[float]]:
+    """Round trips of ``GET /`` on a kept-alive connection: right after the previous one (the
+    server's process and CPU busy a moment ago) and after WAKE_GAP of rest, alternating."""
+    conn = server.connection()
+    warm, idle = [], []
+
+    def trip() -> float:
+        t0 = time.perf_counter()
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        return time.perf_counter() - t0
+
+    trip()
+    for _ in range(n):
+        time.sleep(WAKE_GAP)
+        idle.append(trip())
+        warm.append(trip())
+    server.rested_since = time.monotonic()
+    return warm, idle
+
+
 def _epoch(stamp: str) -> float:
     from datetime import datetime, timezone
 
@@ -577,6 +601,7 @@ def jobs_phase(stack, args, res: Results, log: Log, svc: Imagepub) -> None:
         if not warm:
             floor_outside.append(floor_seconds)
         log(f"tag push {i + 1}/{total}{' (warm-up)' if warm else ''}: " + ", ".join(pair), quiet=warm)
+    warm_trips, idle_trips = wake_up_cost(floor)
     floor.stop()
     handoff = handoff_segments(svc.marks, measured_jobs) if svc.marks else {}
     timeline = job_timeline(svc, last_job) if last_job else []
@@ -611,6 +636,12 @@ def jobs_phase(stack, args, res: Results, log: Log, svc: Imagepub) -> None:
                "Where a service job's time goes (the client's clock and the job's timestamps: one machine, one clock):", "",
                "| segment | median | min | max |", "| --- | ---: | ---: | ---: |",
                *[f"| {name} | {ms(median(v))} | {ms(min(v))} | {ms(max(v))} |" for name, v in segments.items()])
+    res.detail("Job overhead (target 4)", "",
+               f"What a hand-off between processes costs on this machine: a round trip of `GET /` to the floor's bare app "
+               f"(same client, kept-alive connection), {len(warm_trips)} times right after the previous one and "
+               f"{len(idle_trips)} times after {WAKE_GAP * 1000:.0f} ms of rest (as each hand-off of a job finds the process "
+               f"it wakes: a CPU that was idle, caches that other processes used): medians {ms(median(warm_trips))} and "
+               f"{ms(median(idle_trips))}.")
     if handoff:
         res.detail("Job overhead (target 4)", "", "Inside created_at → started_at: the moments of the hand-off, marked in the "
                    "worker's processes by bench/marks/sitecustomize.py (one write to an open file each), for "
@@ -788,7 +819,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the py-spy profiles")
     p.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"), help="where to write the results (default docs/benchmarks.md)")
     p.add_argument("--no-write", dest="write", action="store_false", help="print the table only")
+    p.add_argument("--worker-pool", choices=("prefork", "solo", "threads"), default="prefork",
+                   help="an experiment: the jobs phases' worker on another Celery pool (default prefork, as imagepub runs); "
+                        "its rows are not imagepub's, so it needs --output or --no-write")
     args = p.parse_args(argv)
+    if args.worker_pool != "prefork" and args.write and Path(args.output).resolve() == (REPO / "docs" / "benchmarks.md").resolve():
+        p.error("--worker-pool is an experiment: its rows do not go into docs/benchmarks.md; give --output PATH or --no-write")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     quick = args.quick
     args.rounds = args.rounds or (2 if quick else 4)
@@ -873,7 +909,10 @@ def main(argv: list[str] | None = None) -> int:
         if {"jobs", "fresh", "burst", "copy"} & set(args.phases):
             proxy = EcrApiProxy(stack.moto_url)
             try:
-                svc = Imagepub(stack, "jobs", 2, env={"AWS_ENDPOINT_URL_ECR": proxy.url}, marks=True)
+                pool = {} if args.worker_pool == "prefork" else {"IMAGEPUB_BENCH_WORKER_POOL": args.worker_pool}
+                if pool:
+                    res.settings["worker pool"] = f"{args.worker_pool} (an experiment: imagepub's worker runs prefork)"
+                svc = Imagepub(stack, "jobs", 2, env={"AWS_ENDPOINT_URL_ECR": proxy.url, **pool}, marks=True)
 
                 def start_jobs_service() -> None:
                     svc.start_api()

@@ -15,6 +15,9 @@ anything else (``site``'s sitecustomize). Each process of the worker then append
 
 The job's ``started_at`` (its lease taken, ``workers/jobs.py``) closes the hand-off. A mark
 costs one ``write`` to a file already open. Nothing here runs in any other process.
+
+With ``IMAGEPUB_BENCH_WORKER_POOL`` (``bench/run --worker-pool``, an experiment) the worker runs
+Celery's pool of that name instead of prefork, whatever its command line says.
 """
 
 import os
@@ -53,3 +56,11 @@ if _DIRECTORY:
     _virtual.QoS.append = _held
     signals.task_received.connect(lambda **_: mark("received"), weak=False)
     signals.task_prerun.connect(lambda **_: mark("prerun"), weak=False)
+
+    _POOL = os.environ.get("IMAGEPUB_BENCH_WORKER_POOL")
+    if _POOL:
+        from celery import concurrency
+        from celery.bin import worker as _worker_command
+
+        # celery's command line turns --pool (default prefork) into the pool class as it parses
+        _worker_command.WorkersPool.convert = lambda self, value, param, ctx: concurrency.get_implementation(_POOL)
