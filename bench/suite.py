@@ -809,7 +809,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--jobs", type=int, default=100_000, help="finished jobs in the big store (default 100000)")
     p.add_argument("--tag-pushes", type=int, help="measured tag-push pairs (default 15)")
-    p.add_argument("--fresh-pushes", type=int, help="fresh-push pairs (default 3)")
+    p.add_argument("--fresh-pushes", type=int, help="fresh-push pairs (default 8)")
     p.add_argument("--fresh-mib", type=int, default=150, help="size of the fresh image (default 150)")
     p.add_argument("--burst", type=int, default=50, help="concurrent publishes to ECR (default 50)")
     p.add_argument("--copies", type=int, help="rounds of the copy phase, each copying one image three ways (default 3)")
@@ -831,7 +831,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (2.0 if quick else 5.0)
     args.warmup = 1.0 if quick else 2.0
     args.tag_pushes = args.tag_pushes or (5 if quick else 15)
-    args.fresh_pushes = args.fresh_pushes or (1 if quick else 3)
+    args.fresh_pushes = args.fresh_pushes or (1 if quick else 8)
     args.copies = args.copies or (1 if quick else 3)
     args.list_seconds = 1.0 if quick else 2.0
     args.profile_seconds = 4.0 if quick else 8.0
