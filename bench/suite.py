@@ -800,6 +800,9 @@ def print_table(rows: list[Row]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+DOCUMENT = REPO / "docs" / "benchmarks.md"  # what a run rewrites unless told otherwise
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short smoke run (fewer rounds and pushes; numbers are rough)")
@@ -817,13 +820,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--followers", type=int, default=1000, help="SSE followers in the followers phase (default 1000)")
     p.add_argument("--follow-jobs", type=int, default=50, help="running jobs they follow (default 50)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the py-spy profiles")
-    p.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"), help="where to write the results (default docs/benchmarks.md)")
+    p.add_argument("--output", default=str(DOCUMENT), help="where to write the results (default docs/benchmarks.md)")
     p.add_argument("--no-write", dest="write", action="store_false", help="print the table only")
     p.add_argument("--worker-pool", choices=("prefork", "solo", "threads"), default="prefork",
                    help="an experiment: the jobs phases' worker on another Celery pool (default prefork, as imagepub runs); "
                         "its rows are not imagepub's, so it needs --output or --no-write")
     args = p.parse_args(argv)
-    if args.worker_pool != "prefork" and args.write and Path(args.output).resolve() == (REPO / "docs" / "benchmarks.md").resolve():
+    if args.worker_pool != "prefork" and args.write and Path(args.output).resolve() == DOCUMENT.resolve():
         p.error("--worker-pool is an experiment: its rows do not go into docs/benchmarks.md; give --output PATH or --no-write")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     quick = args.quick
